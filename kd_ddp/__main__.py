@@ -1,0 +1,5 @@
+import sys
+
+from kd_ddp.cli import main
+
+sys.exit(main())

@@ -1,0 +1,109 @@
+"""`kd-ddp STAGE [--preset P] [section.field=value ...]`: the one entry point.
+
+The same command runs in one process or under torchrun (`torchrun --standalone
+--nproc_per_node=N -m kd_ddp STAGE ...`) and inside Slurm tasks (launch/slurm.py calls
+`run_stage` with the same Config).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from typing import Any
+
+from kd_ddp import distributed
+from kd_ddp.checkpoint import CheckpointError, atomic_write_json
+from kd_ddp.config import Config, ConfigError, load_config
+from kd_ddp.data import prepare_data
+from kd_ddp.sources import DataError
+from kd_ddp.teacher_logits import CacheError, build_cache, check_cache
+from kd_ddp.train import amp_dtype, load_trained_teacher, train_stage
+
+log = logging.getLogger("kd_ddp")
+
+STAGE_COMMANDS = ("prepare-data", "train-teacher", "cache-logits", "train-student", "report", "pipeline")
+USER_ERRORS = (ConfigError, DataError, CacheError, CheckpointError, FileNotFoundError)
+
+
+def setup_logging(rank: int) -> None:
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format=f"%(asctime)s [rank{rank}] %(message)s", datefmt="%H:%M:%S", stream=sys.stderr, force=True)
+
+
+def cache_logits(cfg: Config, env: distributed.DistEnv, data: Any, rebuild_invalid: bool = True) -> dict[str, Any]:
+    teacher, teacher_hash = load_trained_teacher(cfg, data, env)
+    try:
+        manifest = check_cache(cfg, data, teacher_hash)
+        if env.is_main:
+            log.info("teacher-logits cache is up to date")
+        return manifest
+    except CacheError as e:
+        if not rebuild_invalid:
+            raise
+        if env.is_main and "no teacher-logits cache" not in str(e):
+            log.warning("rebuilding the teacher-logits cache: %s", str(e).splitlines()[0])
+    return build_cache(cfg, env, data, teacher, teacher_hash, amp_dtype(cfg, env.device))
+
+
+def run_stage(cfg: Config, stage: str, mode: str = "kd") -> dict[str, Any]:
+    """Run one stage (or the whole pipeline) in this process, which may be one rank of many."""
+    env = distributed.setup(cfg)
+    setup_logging(env.rank)
+    try:
+        if env.is_main:
+            cfg.run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(cfg.run_dir / f"config.{stage}.json", cfg.to_dict())
+        start = time.perf_counter()
+        result: dict[str, Any] = {}
+        if stage == "report":
+            if env.is_main:
+                from kd_ddp.report import build_report
+                result = build_report(cfg)
+            return result
+        data = prepare_data(cfg, env)
+        if stage in ("train-teacher", "pipeline"):
+            result["teacher"] = train_stage(cfg, env, data, "teacher")
+        if stage == "cache-logits" or (stage == "pipeline" and cfg.kd.teacher == "cached"):
+            result["cache"] = cache_logits(cfg, env, data)
+        if stage == "pipeline" or (stage == "train-student" and mode == "normal"):
+            result["student_normal"] = train_stage(cfg, env, data, "student-normal")
+        if stage == "pipeline" or (stage == "train-student" and mode == "kd"):
+            result["student_kd"] = train_stage(cfg, env, data, "student-kd")
+        if stage == "pipeline" and env.is_main:
+            from kd_ddp.report import build_report
+            result["report"] = build_report(cfg)
+            r = result["report"]
+            print(f"teacher        test_acc {r['teacher']['test_acc']:.4f}\n"
+                  f"student normal test_acc {r['student_normal']['test_acc']:.4f}\n"
+                  f"student KD     test_acc {r['student_kd']['test_acc']:.4f}\n"
+                  f"report: {cfg.run_dir / 'report' / 'report.md'}", flush=True)
+        if env.is_main:
+            log.info("%s finished in %.1f s", stage, time.perf_counter() - start)
+        return result
+    finally:
+        distributed.teardown()
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Config]:
+    p = argparse.ArgumentParser(prog="kd-ddp", description=__doc__.splitlines()[0])
+    p.add_argument("stage", choices=STAGE_COMMANDS)
+    p.add_argument("--preset", default="quick", help="smoke | quick | seed (default: quick)")
+    p.add_argument("--mode", choices=("normal", "kd"), default="kd", help="train-student only")
+    p.add_argument("overrides", nargs="*", metavar="section.field=value")
+    args = p.parse_intermixed_args(argv)
+    return args, load_config(args.preset, args.overrides)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args, cfg = parse_args(argv)
+        run_stage(cfg, args.stage, args.mode)
+    except USER_ERRORS as e:
+        print(f"kd-ddp: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0

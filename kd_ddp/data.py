@@ -1,0 +1,341 @@
+"""From a data source to batches: prepared arrays and .beton files, then the two loaders.
+
+`prepare_data` turns the configured source into, under one cache directory per source,
+`{train,test}_{images,labels}.npy` (uint8 NHWC / int64), `{train,test}.beton` (FFCV, with
+each sample's index stored as a field) and `meta.json` (classes, normalization statistics
+computed on the training split, file sizes and a content hash). meta.json is written last,
+so its presence means the rest is complete.
+
+Both loaders yield `(images, labels, indices)` with images as NHWC uint8 on the target
+device; augmentation and normalization happen on that device (kd_ddp.augment). The sample
+order of an epoch is a pure function of (seed, epoch) and is the same for every world size:
+global batch k always holds the same samples, split across the ranks.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import functools
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from kd_ddp.config import Config, fingerprint
+from kd_ddp.distributed import DistEnv, available_cores, barrier
+from kd_ddp.sources import DataError, RawDataset, Split, read_source
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def ffcv_available() -> bool:
+    try:
+        import ffcv  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@dataclass
+class PreparedData:
+    dir: Path
+    meta: dict[str, Any]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.meta["classes"])
+
+    @property
+    def content_hash(self) -> str:
+        return self.meta["content_hash"]
+
+    def size(self, split: str) -> int:
+        return self.meta["sizes"][split]
+
+    def file(self, name: str) -> Path:
+        return self.dir / name
+
+    def stats(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        return (torch.tensor(self.meta["mean"], device=device),
+                torch.tensor(self.meta["std"], device=device))
+
+
+def source_key(cfg: Config) -> dict[str, Any]:
+    """What determines the prepared data: the source, its file identity, the image size."""
+    d = cfg.data
+    key: dict[str, Any] = {"source": d.source, "image_size": d.image_size, "format": FORMAT_VERSION}
+    if d.source == "synthetic":
+        key.update(train=d.synthetic_train, test=d.synthetic_test, classes=d.synthetic_classes)
+    else:
+        root = Path(d.root)
+        key["root"] = str(root.resolve())
+        if root.is_file():
+            st = root.stat()
+            key.update(size=st.st_size, mtime=st.st_mtime_ns)
+    return key
+
+
+def prepared_dir(cfg: Config) -> Path:
+    return cfg.cache_dir / "prepared" / f"{cfg.data.source}-{fingerprint(source_key(cfg))}"
+
+
+@contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive advisory lock, so concurrent runs sharing a cache build it once."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _atomic_npy(path: Path, array: np.ndarray) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        np.save(f, array)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _write_beton(path: Path, split: Split, workers: int) -> None:
+    from ffcv.fields import IntField, RGBImageField
+    from ffcv.writer import DatasetWriter
+
+    class _Indexed:
+        def __len__(self) -> int:
+            return len(split.labels)
+
+        def __getitem__(self, i: int) -> tuple[np.ndarray, int, int]:
+            return split.images[i], int(split.labels[i]), i
+
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    fields = {
+        # raw pixels: CIFAR-sized images decode faster uncompressed than as JPEG
+        "image": RGBImageField(write_mode="raw", max_resolution=split.images.shape[1]),
+        "label": IntField(),
+        "index": IntField(),  # FFCV has no built-in sample index; the cache and resume need it
+    }
+    DatasetWriter(str(tmp), fields, num_workers=workers).from_indexed_dataset(_Indexed())
+    os.replace(tmp, path)
+
+
+def _content_hash(raw: RawDataset) -> str:
+    h = hashlib.sha256()
+    for split in (raw.train, raw.test):
+        h.update(np.ascontiguousarray(split.images).data)
+        h.update(np.ascontiguousarray(split.labels).data)
+    return h.hexdigest()[:16]
+
+
+def _build(cfg: Config, out: Path, workers: int) -> dict[str, Any]:
+    log.info("preparing %s data from %s into %s", cfg.data.source, cfg.data.root or "(generated)", out)
+    raw = read_source(cfg, workers)
+    out.mkdir(parents=True, exist_ok=True)
+    files: dict[str, int] = {}
+    for name, split in (("train", raw.train), ("test", raw.test)):
+        _atomic_npy(out / f"{name}_images.npy", split.images)
+        _atomic_npy(out / f"{name}_labels.npy", split.labels)
+        if ffcv_available():
+            _write_beton(out / f"{name}.beton", split, workers)
+    for p in sorted(out.iterdir()):
+        if p.suffix in (".npy", ".beton"):
+            files[p.name] = p.stat().st_size
+    pixels = raw.train.images.reshape(-1, 3).astype(np.float64) / 255.0
+    meta = {
+        "format": FORMAT_VERSION,
+        "key": source_key(cfg),
+        "classes": raw.classes,
+        "sizes": {"train": len(raw.train.labels), "test": len(raw.test.labels)},
+        "image_size": cfg.data.image_size,
+        "mean": pixels.mean(axis=0).tolist(),
+        "std": pixels.std(axis=0).tolist(),
+        "content_hash": _content_hash(raw),
+        "files": files,
+    }
+    tmp = out / "meta.json.tmp"
+    tmp.write_text(json.dumps(meta, indent=1))
+    os.replace(tmp, out / "meta.json")
+    log.info("prepared %d train / %d test images, %d classes", meta["sizes"]["train"],
+             meta["sizes"]["test"], len(raw.classes))
+    return meta
+
+
+def _valid_meta(out: Path) -> dict[str, Any] | None:
+    """The meta of a complete preparation, or None (missing, other format, truncated file)."""
+    try:
+        meta = json.loads((out / "meta.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if meta.get("format") != FORMAT_VERSION:
+        return None
+    for name, size in meta["files"].items():
+        p = out / name
+        if not p.is_file() or p.stat().st_size != size:
+            log.warning("prepared file %s is missing or truncated: rebuilding", p)
+            return None
+    if ffcv_available() and "train.beton" not in meta["files"]:
+        return None  # prepared before FFCV was installed
+    return meta
+
+
+def prepare_data(cfg: Config, env: DistEnv) -> PreparedData:
+    """Prepare once (rank 0, under a file lock), then every rank reads the meta."""
+    out = prepared_dir(cfg)
+    if env.is_main:
+        with file_lock(out.with_name(out.name + ".lock")):
+            if _valid_meta(out) is None:
+                workers = available_cores()
+                _build(cfg, out, workers)
+            else:
+                log.info("prepared data found in %s", out)
+    barrier(env)
+    meta = _valid_meta(out)
+    if meta is None:
+        raise DataError(f"prepared data in {out} is incomplete (is data.cache_dir shared by all nodes?)")
+    return PreparedData(out, meta)
+
+
+# -- sample order ---------------------------------------------------------------------
+
+
+def epoch_order(n: int, *, seed: int, epoch: int, rank: int, world: int, batch_per_rank: int) -> np.ndarray:
+    """This rank's samples for `epoch`, in order; a pure function of its arguments.
+
+    One permutation of all n samples per (seed, epoch), cut into global batches (the
+    incomplete last one dropped); rank r takes the r-th slice of every global batch.
+    """
+    global_batch = batch_per_rank * world
+    steps = n // global_batch
+    if steps == 0:
+        raise DataError(f"the global batch ({global_batch}) is larger than the training set ({n})")
+    perm = np.random.default_rng([seed, epoch, 0x5EED]).permutation(n)
+    return perm[: steps * global_batch].reshape(steps, world, batch_per_rank)[:, rank].reshape(-1)
+
+
+def eval_indices(n: int, rank: int, world: int) -> np.ndarray:
+    """Contiguous, disjoint shards covering all n samples exactly once (no padding)."""
+    return np.array_split(np.arange(n), world)[rank]
+
+
+# -- loaders --------------------------------------------------------------------------
+
+
+class ArrayLoader:
+    """The plain-torch fallback: arrays in memory, indexed per batch (no FFCV needed)."""
+
+    def __init__(self, data: PreparedData, split: str, batch_size: int, device: torch.device) -> None:
+        self.images = np.load(data.file(f"{split}_images.npy"))
+        self.labels = np.load(data.file(f"{split}_labels.npy"))
+        self.batch_size = batch_size
+        self.device = device
+
+    def iterate(self, order: np.ndarray, drop_last: bool) -> Iterator[Batch]:
+        stop = len(order) - (len(order) % self.batch_size if drop_last else 0)
+        for start in range(0, stop, self.batch_size):
+            idx = order[start: start + self.batch_size]
+            yield (torch.from_numpy(self.images[idx]).to(self.device, non_blocking=True),
+                   torch.from_numpy(self.labels[idx]).to(self.device, non_blocking=True),
+                   torch.from_numpy(idx))
+
+
+class _FixedOrder:
+    """An FFCV TraversalOrder whose per-epoch order comes from a function of the epoch."""
+
+    def __init__(self, loader: Any, order_fn: Any) -> None:
+        self.loader = loader
+        self.order_fn = order_fn
+
+    def sample_order(self, epoch: int) -> np.ndarray:
+        return self.order_fn(epoch)
+
+
+class FFCVLoader:
+    """FFCV reading the .beton; the sample order comes from `epoch_order`/`eval_indices`.
+
+    FFCV 1.0.2 cannot take a TraversalOrder object (its isinstance check rejects classes
+    and it then calls the instance), so each order is registered in its ORDER_MAP.
+    """
+
+    def __init__(self, data: PreparedData, split: str, batch_size: int, device: torch.device,
+                 order_fn: Any, drop_last: bool, workers: int) -> None:
+        from ffcv.fields.basics import IntDecoder
+        from ffcv.fields.rgb_image import SimpleRGBImageDecoder
+        from ffcv.loader import Loader
+        from ffcv.loader import loader as ffcv_loader_module
+        from ffcv.transforms import ToDevice, ToTensor
+
+        key = ("kd_ddp", id(self))
+        ffcv_loader_module.ORDER_MAP[key] = functools.partial(_FixedOrder, order_fn=order_fn)
+        to_device = [ToDevice(device, non_blocking=True)] if device.type == "cuda" else []
+        self.loader = Loader(
+            str(data.file(f"{split}.beton")), batch_size=batch_size, num_workers=workers,
+            order=key, drop_last=drop_last, os_cache=True,
+            pipelines={
+                "image": [SimpleRGBImageDecoder(), ToTensor(), *to_device],
+                "label": [IntDecoder(), ToTensor(), *to_device],
+                "index": [IntDecoder(), ToTensor()],
+            },
+        )
+
+    def iterate(self, epoch: int) -> Iterator[Batch]:
+        self.loader.next_epoch = epoch
+        for images, labels, idx in self.loader:
+            yield images, labels.view(-1), idx.view(-1)
+
+
+class TrainLoader:
+    """Batches of one rank for a given epoch: `for images, labels, idx in loader.epoch(e)`."""
+
+    def __init__(self, cfg: Config, data: PreparedData, env: DistEnv) -> None:
+        self.n = data.size("train")
+        self.batch_per_rank = cfg.optim.batch_size // env.world_size
+        self.order = functools.partial(epoch_order, self.n, seed=cfg.seed, rank=env.rank,
+                                       world=env.world_size, batch_per_rank=self.batch_per_rank)
+        self.steps = len(self.order(epoch=0)) // self.batch_per_rank
+        if cfg.data.loader == "ffcv":
+            workers = cfg.data.num_workers or max(1, available_cores() // env.local_world_size)
+            self.impl: Any = FFCVLoader(data, "train", self.batch_per_rank, env.device,
+                                        lambda e: self.order(epoch=e), True, workers)
+        else:
+            self.impl = ArrayLoader(data, "train", self.batch_per_rank, env.device)
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def epoch(self, epoch: int) -> Iterator[Batch]:
+        if isinstance(self.impl, FFCVLoader):
+            return self.impl.iterate(epoch)
+        return self.impl.iterate(self.order(epoch=epoch), drop_last=True)
+
+
+class EvalLoader:
+    """This rank's disjoint shard of a split, in index order, every sample exactly once."""
+
+    def __init__(self, cfg: Config, data: PreparedData, env: DistEnv, split: str = "test",
+                 batch_size: int | None = None) -> None:
+        self.indices = eval_indices(data.size(split), env.rank, env.world_size)
+        bs = batch_size or cfg.train.eval_batch_size
+        if cfg.data.loader == "ffcv":
+            workers = cfg.data.num_workers or max(1, available_cores() // env.local_world_size)
+            self.impl: Any = FFCVLoader(data, split, bs, env.device, lambda e: self.indices, False, workers)
+        else:
+            self.impl = ArrayLoader(data, split, bs, env.device)
+
+    def __iter__(self) -> Iterator[Batch]:
+        if isinstance(self.impl, FFCVLoader):
+            return self.impl.iterate(0)
+        return self.impl.iterate(self.indices, drop_last=False)

@@ -1,0 +1,96 @@
+"""torch.distributed set-up shared by torchrun and Slurm tasks (both export RANK etc.)."""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from kd_ddp.config import Config, ConfigError
+
+
+@dataclass
+class DistEnv:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def pick_device(requested: str, local_rank: int) -> torch.device:
+    if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise ConfigError("train.device=cuda but no CUDA device is visible")
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def setup(cfg: Config) -> DistEnv:
+    """Join the process group described by the environment (a no-op for one process)."""
+    env = DistEnv(
+        rank=int(os.environ.get("RANK", 0)),
+        world_size=int(os.environ.get("WORLD_SIZE", 1)),
+        local_rank=int(os.environ.get("LOCAL_RANK", 0)),
+        local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", 1)),
+    )
+    env.device = pick_device(cfg.train.device, env.local_rank)
+    # Ranks sharing a node must split its cores, or they thrash each other.
+    threads = cfg.train.threads or max(1, available_cores() // env.local_world_size)
+    torch.set_num_threads(threads)
+    if env.distributed and not dist.is_initialized():
+        if cfg.optim.batch_size % env.world_size:
+            raise ConfigError(f"optim.batch_size={cfg.optim.batch_size} is not divisible by "
+                              f"the world size {env.world_size}")
+        backend = "nccl" if env.device.type == "cuda" else "gloo"
+        if env.device.type == "cuda":
+            torch.cuda.set_device(env.device)
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=60),
+                                device_id=env.device if backend == "nccl" else None)
+    return env
+
+
+def teardown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(env: DistEnv) -> None:
+    if env.distributed:
+        dist.barrier()
+
+
+def all_reduce_sum(values: list[float], env: DistEnv) -> list[float]:
+    """Sum floats over ranks (float64 so sums of per-sample losses stay exact enough)."""
+    if not env.distributed:
+        return values
+    t = torch.tensor(values, dtype=torch.float64,
+                     device=env.device if env.device.type == "cuda" else "cpu")
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def broadcast_object(obj: object, env: DistEnv) -> object:
+    if not env.distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
