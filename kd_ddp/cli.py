@@ -13,7 +13,7 @@ import sys
 import time
 from typing import Any
 
-from kd_ddp import distributed
+from kd_ddp import distributed, tracking
 from kd_ddp.checkpoint import CheckpointError, atomic_write_json
 from kd_ddp.config import Config, ConfigError, load_config
 from kd_ddp.data import prepare_data
@@ -48,11 +48,18 @@ def cache_logits(cfg: Config, env: distributed.DistEnv, data: Any, rebuild_inval
     return build_cache(cfg, env, data, teacher, teacher_hash, amp_dtype(cfg, env.device))
 
 
-def run_stage(cfg: Config, stage: str, mode: str = "kd") -> dict[str, Any]:
-    """Run one stage (or the whole pipeline) in this process, which may be one rank of many."""
+def run_stage(cfg: Config, stage: str, mode: str = "kd", wandb_report: bool = False,
+              push_wandb_report: bool = False) -> dict[str, Any]:
+    """Run one stage (or the whole pipeline) in this process, which may be one rank of many.
+
+    `wandb_report` / `push_wandb_report` (report stage only): build the W&B report (saved
+    when online with an API key, else its spec JSON beside report.md) / push a saved spec.
+    """
     env = distributed.setup(cfg)
     setup_logging(env.rank)
     try:
+        if env.is_main:
+            tracking.preflight(cfg)  # a missing W&B API key fails here, not after an epoch
         if env.is_main:
             cfg.run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_json(cfg.run_dir / f"config.{stage}.json", cfg.to_dict())
@@ -62,6 +69,12 @@ def run_stage(cfg: Config, stage: str, mode: str = "kd") -> dict[str, Any]:
             if env.is_main:
                 from kd_ddp.report import build_report
                 result = build_report(cfg)
+                if wandb_report:
+                    from kd_ddp.wandb_report import publish
+                    result["wandb_report"] = publish(cfg, result)
+                if push_wandb_report:
+                    from kd_ddp.wandb_report import push_spec
+                    result["wandb_report_url"] = push_spec(cfg)
             return result
         data = prepare_data(cfg, env)
         if stage in ("train-teacher", "pipeline"):
@@ -92,6 +105,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Confi
     p.add_argument("stage", choices=STAGE_COMMANDS)
     p.add_argument("--preset", default="quick", help="smoke | quick | seed (default: quick)")
     p.add_argument("--mode", choices=("normal", "kd"), default="kd", help="train-student only")
+    p.add_argument("--wandb-report", action="store_true",
+                   help="report only: build the W&B report (saved if online with an API key, "
+                        "else written as report/wandb_report.json)")
+    p.add_argument("--push-wandb-report", action="store_true",
+                   help="report only: upload report/wandb_report.json (after `wandb sync`)")
     p.add_argument("overrides", nargs="*", metavar="section.field=value")
     args = p.parse_intermixed_args(argv)
     return args, load_config(args.preset, args.overrides)
@@ -100,7 +118,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Confi
 def main(argv: list[str] | None = None) -> int:
     try:
         args, cfg = parse_args(argv)
-        run_stage(cfg, args.stage, args.mode)
+        run_stage(cfg, args.stage, args.mode, args.wandb_report, args.push_wandb_report)
     except USER_ERRORS as e:
         print(f"kd-ddp: error: {e}", file=sys.stderr)
         return 2

@@ -25,13 +25,13 @@ from tqdm import tqdm
 
 from kd_ddp import losses
 from kd_ddp.augment import augment, normalize
-from kd_ddp.checkpoint import (CheckpointError, atomic_write_json, load_checkpoint, save_checkpoint,
-                               weights_hash)
+from kd_ddp.checkpoint import CheckpointError, atomic_write_json, load_checkpoint, save_checkpoint, weights_hash
 from kd_ddp.config import Config, fingerprint
 from kd_ddp.data import EvalLoader, PreparedData, TrainLoader
 from kd_ddp.distributed import DistEnv, all_reduce_sum, barrier
 from kd_ddp.models import build_model
 from kd_ddp.teacher_logits import LogitsCache, teacher_view_logits
+from kd_ddp.tracking import StageTracker, start_stage
 
 log = logging.getLogger(__name__)
 
@@ -225,6 +225,9 @@ def train_stage(cfg: Config, env: DistEnv, data: PreparedData, stage: str) -> di
                  stage, epochs, len(loader), cfg.optim.batch_size, env.world_size, env.device,
                  dtype or "off", cfg.data.loader)
 
+    tracker = start_stage(cfg, stage, env) if env.is_main else StageTracker()
+    for record in history:  # a resumed run re-logs the epochs it keeps
+        tracker.log_epoch(record)
     show_bar = env.is_main and cfg.tracking.progress and sys.stderr.isatty()
     stage_start = time.perf_counter()
     for epoch in range(start_epoch, epochs):
@@ -277,6 +280,7 @@ def train_stage(cfg: Config, env: DistEnv, data: PreparedData, stage: str) -> di
         if env.is_main:
             with open(out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
+            tracker.log_epoch(record)
             save_checkpoint(ckpt_path, {
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
@@ -307,5 +311,6 @@ def train_stage(cfg: Config, env: DistEnv, data: PreparedData, stage: str) -> di
                          "teacher": cfg.kd.teacher, "views": cfg.kd.views}
     if env.is_main:
         atomic_write_json(summary_path, summary)
+    tracker.finish(summary)
     barrier(env)
     return summary

@@ -1,0 +1,305 @@
+"""Experiment tracking on rank 0: one tracker per training stage, mirrored to W&B.
+
+metrics.jsonl (written by the training loop) is the source of truth; a tracker mirrors
+the same per-epoch records (epoch = W&B step) and the final summary to a W&B run when
+`tracking.wandb.mode` is not `disabled` (default `offline`: nothing leaves the machine;
+`wandb sync` uploads later, see docs/tracking.md).
+
+- One W&B run per training stage, `job_type` = stage, all in one `group`: the config's
+  `tracking.wandb.group`, else derived from the run dir (`group_name`), so the stages of
+  one pipeline (and the members of one sweep or seed set) land together.
+- The run's config is the full resolved Config plus `system` (device, world size,
+  precision, library versions), `stage` and `run_role` (main | sweep | seed).
+- `finish` logs the stage's checkpoint (and for the KD student the teacher-logits cache)
+  as artifacts *by reference*: W&B records paths, sizes and digests, never uploads GBs.
+- `log_report` makes one more run (`job_type` "report") holding the report's PNGs.
+- Hermetic: WANDB_DIR and the data/cache/config/artifact dirs point under the run dir
+  before wandb is touched, so concurrent runs and CI do not share or pollute ~/.
+- W&B never kills or hangs training: every call is guarded; an exception is logged as
+  a warning and W&B is switched off for the rest of the process. The one hard error is
+  `preflight`: mode=online without an API key fails at start, before any data or epoch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import logging
+import os
+import platform
+import re
+import socket
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kd_ddp.config import Config, ConfigError
+from kd_ddp.distributed import DistEnv
+
+log = logging.getLogger(__name__)
+
+TRAIN_STAGES = ("teacher", "student-normal", "student-kd")
+# Sub-layouts of a run dir whose members share the parent's W&B group (see report.py).
+REPLICA_DIRS = {"sweep": "sweep", "seeds": "seed"}
+WANDB_SUBDIRS = {"WANDB_DATA_DIR": "data", "WANDB_CACHE_DIR": "cache", "WANDB_CONFIG_DIR": "config",
+                 "WANDB_ARTIFACT_DIR": "artifacts"}
+# Bounded waits: an unreachable server must cost a stage at most this, never hang it.
+INIT_TIMEOUT_S = 60.0
+FINISH_TIMEOUT_S = 120.0
+VERSIONED_PACKAGES = ("torch", "numpy", "ffcv", "wandb", "wandb-workspaces", "kd-ddp")
+
+_broken = False  # set after the first W&B failure: no further W&B calls in this process
+
+
+# -- names and places -----------------------------------------------------------------
+
+
+def enabled(cfg: Config) -> bool:
+    return cfg.tracking.wandb.mode != "disabled" and not _broken
+
+
+def run_role(run_dir: Path) -> tuple[str, str]:
+    """("main", "") for a pipeline's own dir; ("sweep", name) for `<root>/sweep/<name>`,
+    ("seed", name) for `<root>/seeds/<name>`."""
+    parent = run_dir.resolve().parent
+    if parent.name in REPLICA_DIRS:
+        return REPLICA_DIRS[parent.name], run_dir.resolve().name
+    return "main", ""
+
+
+def group_name(cfg: Config) -> str:
+    """`tracking.wandb.group`, else `<root dir name>-<hash of its absolute path>`: stable
+    across the stages of one run dir, distinct for two run dirs that share a name."""
+    if cfg.tracking.wandb.group:
+        return cfg.tracking.wandb.group
+    root = cfg.run_dir.resolve()
+    if run_role(root)[0] != "main":
+        root = root.parent.parent
+    return f"{root.name}-{hashlib.sha256(str(root).encode()).hexdigest()[:6]}"
+
+
+def run_label(cfg: Config, stage: str) -> str:
+    """The W&B run name: the stage, prefixed for sweep and seed members."""
+    role, name = run_role(cfg.run_dir)
+    return stage if role == "main" else f"{role}-{name}-{stage}"
+
+
+def _artifact_name(*parts: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", "-".join(parts))
+
+
+def hermetic_env(run_dir: Path) -> Path:
+    """Point every W&B location under `<run_dir>/wandb` (runs: `<run_dir>/wandb/*-run-*`)."""
+    root = run_dir.resolve()
+    base = root / "wandb"
+    os.environ["WANDB_DIR"] = str(root)  # wandb appends "wandb/" itself
+    for var, sub in WANDB_SUBDIRS.items():
+        os.environ[var] = str(base / sub)
+        (base / sub).mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("WANDB_SILENT", "true")
+    return base
+
+
+# -- preflight: the one error that stops a run ------------------------------------------
+
+
+def find_api_key() -> str | None:
+    """An API key (or identity token file) from the environment or ~/.netrc, without network."""
+    for var in ("WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE"):
+        if os.environ.get(var):
+            return os.environ[var]
+    from wandb.sdk.lib import wbauth
+
+    host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
+    try:
+        return wbauth.read_netrc_auth(host=host)
+    except Exception as e:  # a malformed netrc entry is as good as none
+        raise ConfigError(f"tracking.wandb.mode=online: the W&B entry in ~/.netrc is invalid ({e})") from None
+
+
+def preflight(cfg: Config) -> None:
+    """Fail now, not after an epoch: online mode needs an API key; wandb must import."""
+    global _broken
+    if cfg.tracking.wandb.mode == "disabled":
+        return
+    try:
+        import wandb  # noqa: F401
+    except Exception as e:
+        log.warning("W&B tracking off: wandb does not import (%s)", e)
+        _broken = True
+        return
+    if cfg.tracking.wandb.mode == "online" and not find_api_key():
+        raise ConfigError(
+            "tracking.wandb.mode=online but no W&B API key was found (WANDB_API_KEY, "
+            "WANDB_IDENTITY_TOKEN_FILE or ~/.netrc from `wandb login`). Set one, or use "
+            "tracking.wandb.mode=offline and `wandb sync` afterwards (docs/tracking.md).")
+
+
+# -- system facts -----------------------------------------------------------------------
+
+
+def _versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for pkg in VERSIONED_PACKAGES:
+        try:
+            out[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    if torch.version.cuda:
+        out["cuda"] = torch.version.cuda
+        out["cudnn"] = str(torch.backends.cudnn.version())
+    return out
+
+
+def system_facts(cfg: Config, env: DistEnv) -> dict[str, Any]:
+    from kd_ddp.train import amp_dtype  # lazy: train imports this module
+
+    dtype = amp_dtype(cfg, env.device)
+    precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32") if dtype else "fp32"
+    cuda = env.device.type == "cuda"
+    return {
+        "device": str(env.device),
+        "device_name": torch.cuda.get_device_name(env.device) if cuda else platform.processor() or platform.machine(),
+        "world_size": env.world_size,
+        "nodes": max(1, env.world_size // max(1, env.local_world_size)),
+        "precision": precision,
+        "torch_threads": torch.get_num_threads(),
+        "loader": cfg.data.loader,
+        "hostname": socket.gethostname(),
+        "versions": _versions(),
+    }
+
+
+# -- guarded W&B calls --------------------------------------------------------------------
+
+
+def _guard(what: str, fn: Callable[[], Any]) -> Any:
+    """Run one W&B call; on any failure warn once and switch W&B off for this process."""
+    global _broken
+    if _broken:
+        return None
+    try:
+        return fn()
+    except Exception as e:
+        _broken = True
+        log.warning("W&B %s failed (%s: %s); W&B tracking is off for the rest of this run, "
+                    "metrics.jsonl and summary.json are unaffected", what, type(e).__name__, e)
+        return None
+
+
+def _settings(cfg: Config) -> Any:
+    import wandb
+
+    # No code, git, requirements or machine probes: each can be slow on big repos or
+    # network filesystems, and the probes may try cloud metadata endpoints offline.
+    # System metrics (CPU/GPU utilisation) stay on: they are local and cheap.
+    return wandb.Settings(
+        silent=True, console="off", save_code=False, disable_code=True, disable_git=True,
+        disable_job_creation=True, x_save_requirements=False, x_disable_meta=True,
+        x_disable_machine_info=True, init_timeout=INIT_TIMEOUT_S, finish_timeout=FINISH_TIMEOUT_S)
+
+
+def init_run(cfg: Config, job_type: str, name: str, config: dict[str, Any]) -> Any:
+    """A W&B run of this config's group, or None when tracking is off or init failed."""
+    if not enabled(cfg):
+        return None
+    hermetic_env(cfg.run_dir)
+
+    def start() -> Any:
+        import wandb
+
+        w = cfg.tracking.wandb
+        role = run_role(cfg.run_dir)[0]
+        tags = [*w.tags, cfg.preset] + ([role] if role != "main" else [])
+        return wandb.init(project=w.project, entity=w.entity or None, group=group_name(cfg), job_type=job_type,
+                          name=name, config=config, tags=tags, mode=w.mode, dir=str(cfg.run_dir.resolve()),
+                          settings=_settings(cfg), reinit="finish_previous")
+
+    return _guard("init", start)
+
+
+# -- training stages ----------------------------------------------------------------------
+
+
+class StageTracker:
+    """No-op base: what every stage calls, whether or not anything is tracked."""
+
+    def log_epoch(self, record: dict[str, Any]) -> None:
+        pass
+
+    def finish(self, summary: dict[str, Any]) -> None:
+        pass
+
+
+class WandbTracker(StageTracker):
+    def __init__(self, cfg: Config, stage: str, run: Any) -> None:
+        self.cfg, self.stage, self.run = cfg, stage, run
+
+    def log_epoch(self, record: dict[str, Any]) -> None:
+        _guard("log", lambda: self.run.log(dict(record), step=int(record["epoch"])))
+
+    def finish(self, summary: dict[str, Any]) -> None:
+        def close() -> None:
+            self.run.summary.update(summary)
+            for art in self._artifacts():
+                self.run.log_artifact(art)
+            self.run.finish()
+
+        _guard("finish", close)
+
+    def _artifacts(self) -> list[Any]:
+        import wandb
+
+        group, label = group_name(self.cfg), run_label(self.cfg, self.stage)
+        stage_dir = self.cfg.run_dir.resolve() / self.stage
+        ckpt = wandb.Artifact(_artifact_name(group, label, "checkpoint"), type="model",
+                              description=f"{self.stage} checkpoint and summary (referenced, not uploaded)")
+        for fname, checksum in (("summary.json", True), ("checkpoint.pt", False)):
+            if (stage_dir / fname).is_file():
+                # checkpoint.pt: no checksum, it may be GBs; summary.json holds its weights hash.
+                ckpt.add_reference(f"file://{stage_dir / fname}", name=fname, checksum=checksum)
+        arts = [ckpt]
+        cache = self.cfg.run_dir.resolve() / "teacher-logits"
+        if self.stage == "student-kd" and self.cfg.kd.teacher == "cached" and (cache / "manifest.json").is_file():
+            import json
+
+            cached = wandb.Artifact(_artifact_name(group, label, "teacher-logits"), type="teacher-logits",
+                                    metadata=json.loads((cache / "manifest.json").read_text()),
+                                    description="teacher-logits cache (referenced; sha256 in the manifest)")
+            cached.add_reference(f"file://{cache / 'manifest.json'}", name="manifest.json")
+            cached.add_reference(f"file://{cache / 'logits.npy'}", name="logits.npy", checksum=False)
+            arts.append(cached)
+        return arts
+
+
+def start_stage(cfg: Config, stage: str, env: DistEnv) -> StageTracker:
+    """Called on rank 0 only, after the process group is up."""
+    if not env.is_main or not enabled(cfg):
+        return StageTracker()
+    role, name = run_role(cfg.run_dir)
+    config = {**cfg.to_dict(), "stage": stage, "run_role": role, "replica": name,
+              "system": system_facts(cfg, env)}
+    run = init_run(cfg, stage, run_label(cfg, stage), config)
+    return WandbTracker(cfg, stage, run) if run is not None else StageTracker()
+
+
+# -- the report -----------------------------------------------------------------------------
+
+
+def log_report(cfg: Config, results: dict[str, Any], images: dict[str, Path]) -> None:
+    """One `report` run in the group: the report's PNGs as images, the results as summary."""
+    run = init_run(cfg, "report", run_label(cfg, "report"), {**cfg.to_dict(), "stage": "report"})
+    if run is None:
+        return
+
+    def push() -> None:
+        import wandb
+
+        run.log({f"plots/{key}": wandb.Image(str(path), caption=key) for key, path in images.items()})
+        run.summary.update({f"{k}/test_acc": v["test_acc"] for k, v in results.items()
+                            if isinstance(v, dict) and "test_acc" in v})
+        run.finish()
+
+    _guard("report logging", push)

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Idempotent set-up for a fresh Debian machine (run as root) or a prepared one:
+# system packages FFCV and the dev Slurm need, the venv, the Python dependencies.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+
+need_apt=()
+pkg-config --exists opencv4 2>/dev/null || need_apt+=(libopencv-dev pkg-config)
+[ -e /usr/include/turbojpeg.h ] || need_apt+=(libturbojpeg0-dev)
+if [ ${#need_apt[@]} -gt 0 ]; then
+    if [ "$(id -u)" = 0 ]; then
+        echo "setup: apt-get install ${need_apt[*]}" >&2
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
+    else
+        echo "setup: missing ${need_apt[*]} and not root: FFCV will not build (data.loader=torch still works)" >&2
+    fi
+fi
+if [ "$(id -u)" = 0 ]; then
+    bash slurm/dev-cluster/install.sh  # real Slurm for the launcher tests; skips when present
+fi
+
+[ -x "$VENV/bin/python" ] || python3.11 -m venv "$VENV" 2>/dev/null || python3 -m venv "$VENV"
+stamp="$VENV/.kd-ddp-installed"
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+    "$VENV/bin/pip" install -q --upgrade pip
+    # torch first, alone: with torch==2.14.1 pinned pip takes the wheel from the local disk.
+    "$VENV/bin/pip" install -q torch==2.14.1 torchvision==0.29.1
+    "$VENV/bin/pip" install -q -e ".[ffcv,dev]" || {
+        echo "setup: FFCV failed to build; installing without it (data.loader=torch)" >&2
+        "$VENV/bin/pip" install -q -e ".[dev]"
+    }
+    touch "$stamp"
+fi

@@ -1,0 +1,42 @@
+"""Shared fixtures: small synthetic data sets made in the test, never downloaded."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_ARCHIVE = REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
+
+
+def run_cli(args: list[str], *, torchrun: int = 0, env: dict[str, str] | None = None,
+            check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess[str]:
+    """Run `kd-ddp ARGS` (or under torchrun with N processes) as a user would."""
+    if torchrun:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc_per_node={torchrun}", "-m", "kd_ddp", *args]
+    else:
+        cmd = [sys.executable, "-m", "kd_ddp", *args]
+    full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+    proc = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One data cache for the session, so the synthetic .beton files are built once."""
+    return tmp_path_factory.mktemp("kd-cache")
+
+
+@pytest.fixture(scope="session")
+def smoke_run(cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished 1-process smoke pipeline, shared by tests that read its outputs."""
+    run_dir = tmp_path_factory.mktemp("smoke-run")
+    run_cli(["pipeline", "--preset", "smoke", f"run.dir={run_dir}", f"data.cache_dir={cache_dir}"])
+    return run_dir

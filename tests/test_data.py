@@ -1,0 +1,169 @@
+"""Each data source, the FFCV round trip and the sample order, on data made here."""
+
+from __future__ import annotations
+
+import pickle
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from kd_ddp.config import load_config
+from kd_ddp.data import EvalLoader, TrainLoader, epoch_order, eval_indices, ffcv_available, prepare_data
+from kd_ddp.distributed import DistEnv
+from kd_ddp.sources import DataError, cifar_batches, imagefolder
+
+needs_ffcv = pytest.mark.skipif(not ffcv_available(), reason="FFCV not installed")
+
+
+def write_imagefolder(root: Path, classes: list[str], per_class: int, size: int, mode: str = "L") -> None:
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for c, name in enumerate(classes):
+            d = root / split / name
+            d.mkdir(parents=True)
+            for i in range(per_class):
+                shape = (size, size) if mode == "L" else (size, size, 3)
+                arr = np.clip(rng.normal(40 + 60 * c, 20, shape), 0, 255).astype(np.uint8)
+                Image.fromarray(arr, mode).save(d / f"{i:04d}.png")
+
+
+def write_cifar_batches(root: Path, n_per_batch: int) -> dict[str, np.ndarray]:
+    d = root / "cifar-10-batches-py"
+    d.mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    written = {}
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    for name in names:
+        data = rng.integers(0, 256, (n_per_batch, 3072), dtype=np.uint8)
+        labels = rng.integers(0, 10, n_per_batch).tolist()
+        with open(d / name, "wb") as f:
+            pickle.dump({b"data": data, b"labels": labels}, f)
+        written[name] = data
+    with open(d / "batches.meta", "wb") as f:
+        pickle.dump({b"label_names": [f"c{i}".encode() for i in range(10)]}, f)
+    return written
+
+
+def test_imagefolder_grayscale_odd_size_becomes_rgb(tmp_path: Path) -> None:
+    write_imagefolder(tmp_path, ["a", "b", "c"], 4, 28, "L")
+    raw = imagefolder(tmp_path, 32, workers=1)
+    assert raw.classes == ["a", "b", "c"]
+    assert raw.train.images.shape == (12, 32, 32, 3) and raw.train.images.dtype == np.uint8
+    assert raw.train.labels.tolist() == [0] * 4 + [1] * 4 + [2] * 4
+    # grayscale -> RGB: three equal channels
+    assert (raw.train.images[..., 0] == raw.train.images[..., 2]).all()
+
+
+def test_imagefolder_errors_are_clear(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="does not exist"):
+        imagefolder(tmp_path / "nope", 32, 1)
+    write_imagefolder(tmp_path, ["a", "b"], 1, 8, "RGB")
+    (tmp_path / "test" / "b").rename(tmp_path / "test" / "z")
+    with pytest.raises(DataError, match=r"classes differ.*only in train: \['b'\], only in test: \['z'\]"):
+        imagefolder(tmp_path, 8, 1)
+
+
+def test_corrupt_image_is_named(tmp_path: Path) -> None:
+    write_imagefolder(tmp_path, ["a", "b"], 2, 8, "RGB")
+    bad = tmp_path / "train" / "a" / "0001.png"
+    bad.write_bytes(b"not a png")
+    with pytest.raises(DataError, match="0001.png"):
+        imagefolder(tmp_path, 8, 1)
+
+
+def test_cifar_batches_reader(tmp_path: Path) -> None:
+    written = write_cifar_batches(tmp_path, 7)
+    raw = cifar_batches(tmp_path, 32)
+    assert raw.classes == [f"c{i}" for i in range(10)]
+    assert raw.train.images.shape == (35, 32, 32, 3) and raw.test.images.shape == (7, 32, 32, 3)
+    # CHW rows of the pickle -> HWC pixels
+    first = written["data_batch_1"][0].reshape(3, 32, 32).transpose(1, 2, 0)
+    np.testing.assert_array_equal(raw.train.images[0], first)
+
+
+def test_archive_source_extracts_into_the_cache(tmp_path: Path) -> None:
+    tree = tmp_path / "tree"
+    write_imagefolder(tree / "mini", ["x", "y"], 3, 16, "RGB")
+    archive = tmp_path / "mini.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(tree / "mini", arcname="mini")
+    cfg = load_config("smoke", ["data.source=archive", f"data.root={archive}", f"data.cache_dir={tmp_path / 'c'}",
+                                "data.image_size=16"])
+    data = prepare_data(cfg, DistEnv())
+    assert data.meta["classes"] == ["x", "y"] and data.size("train") == 6
+    extracted = list((tmp_path / "c" / "extracted").iterdir())
+    assert len(extracted) == 1 and (extracted[0] / "mini" / "train" / "x").is_dir()
+
+
+def test_prepare_is_done_once_and_stats_come_from_train(tmp_path: Path) -> None:
+    cfg = load_config("smoke", [f"data.cache_dir={tmp_path}", "data.synthetic_train=64", "data.synthetic_test=32"])
+    data = prepare_data(cfg, DistEnv())
+    train = np.load(data.file("train_images.npy")).reshape(-1, 3) / 255.0
+    np.testing.assert_allclose(data.meta["mean"], train.mean(0), rtol=1e-6)
+    np.testing.assert_allclose(data.meta["std"], train.std(0), rtol=1e-6)
+    stamp = data.file("meta.json").stat().st_mtime_ns
+    again = prepare_data(cfg, DistEnv())
+    assert again.file("meta.json").stat().st_mtime_ns == stamp
+
+
+def test_truncated_prepared_file_is_rebuilt(tmp_path: Path) -> None:
+    cfg = load_config("smoke", [f"data.cache_dir={tmp_path}", "data.synthetic_train=64", "data.synthetic_test=32"])
+    data = prepare_data(cfg, DistEnv())
+    victim = data.file("train.beton" if ffcv_available() else "train_images.npy")
+    size = victim.stat().st_size
+    with open(victim, "r+b") as f:
+        f.truncate(size // 2)
+    again = prepare_data(cfg, DistEnv())
+    assert again.file(victim.name).stat().st_size == size
+
+
+@needs_ffcv
+def test_ffcv_round_trip_equals_what_was_written(tmp_path: Path) -> None:
+    cfg = load_config("smoke", [f"data.cache_dir={tmp_path}", "data.synthetic_train=100", "data.synthetic_test=30",
+                                "train.eval_batch_size=16"])
+    data = prepare_data(cfg, DistEnv())
+    images = np.load(data.file("train_images.npy"))
+    labels = np.load(data.file("train_labels.npy"))
+    seen = []
+    for imgs, labs, idx in EvalLoader(cfg, data, DistEnv(), split="train"):
+        np.testing.assert_array_equal(imgs.numpy(), images[idx.numpy()])
+        np.testing.assert_array_equal(labs.numpy(), labels[idx.numpy()])
+        seen += idx.tolist()
+    assert seen == list(range(100))
+
+
+@pytest.mark.parametrize("loader", ["ffcv", "torch"])
+def test_train_loader_follows_epoch_order(tmp_path: Path, loader: str) -> None:
+    if loader == "ffcv" and not ffcv_available():
+        pytest.skip("FFCV not installed")
+    cfg = load_config("smoke", [f"data.cache_dir={tmp_path}", "data.synthetic_train=100", "data.synthetic_test=30",
+                                "optim.batch_size=16", f"data.loader={loader}"])
+    data = prepare_data(cfg, DistEnv())
+    labels = np.load(data.file("train_labels.npy"))
+    tl = TrainLoader(cfg, data, DistEnv())
+    for epoch in (0, 3):
+        got = []
+        for _, labs, idx in tl.epoch(epoch):
+            assert isinstance(idx, torch.Tensor) and len(idx) == 16
+            np.testing.assert_array_equal(labs.numpy(), labels[idx.numpy()])
+            got += idx.tolist()
+        want = epoch_order(100, seed=cfg.seed, epoch=epoch, rank=0, world=1, batch_per_rank=16)
+        assert got == want.tolist() and len(got) == 96
+
+
+def test_epoch_order_is_the_same_global_batches_for_any_world_size() -> None:
+    one = epoch_order(1000, seed=1, epoch=2, rank=0, world=1, batch_per_rank=64).reshape(-1, 64)
+    parts = [epoch_order(1000, seed=1, epoch=2, rank=r, world=2, batch_per_rank=32).reshape(-1, 32) for r in (0, 1)]
+    np.testing.assert_array_equal(one, np.concatenate(parts, axis=1))
+    assert len(set(one.ravel().tolist())) == one.size  # no sample twice
+    other = epoch_order(1000, seed=1, epoch=3, rank=0, world=1, batch_per_rank=64)
+    assert not np.array_equal(one.ravel(), other)
+
+
+def test_eval_shards_cover_every_sample_once() -> None:
+    shards = [eval_indices(103, r, 4) for r in range(4)]
+    assert sorted(np.concatenate(shards).tolist()) == list(range(103))

@@ -1,0 +1,131 @@
+"""The whole pipeline through the real CLI: one process, two torchrun processes, user errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.conftest import REPO, run_cli
+
+
+def _results(run_dir: Path) -> dict:
+    return json.loads((run_dir / "report" / "results.json").read_text())
+
+
+def _metrics(run_dir: Path, stage: str) -> list[dict]:
+    return [json.loads(x) for x in (run_dir / stage / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_smoke_pipeline_outputs(smoke_run: Path) -> None:
+    res = _results(smoke_run)
+    for key in ("teacher", "student_normal", "student_kd"):
+        assert 0.0 <= res[key]["test_acc"] <= 1.0
+    assert res["teacher"]["test_acc"] > 0.5  # synthetic classes are easy; chance is 0.1
+    for stage in ("teacher", "student-normal", "student-kd"):
+        d = smoke_run / stage
+        assert (d / "checkpoint.pt").is_file() and (d / "summary.json").is_file()
+        rows = _metrics(smoke_run, stage)
+        assert [r["epoch"] for r in rows] == [1, 2]
+        for r in rows:
+            assert {"epoch", "train_loss", "test_loss", "test_acc", "lr", "epoch_time_s", "images_per_s"} <= set(r)
+    for png in ("test_acc.png", "train_loss.png", "final_accuracy.png"):
+        assert (smoke_run / "report" / png).stat().st_size > 1000
+    md = (smoke_run / "report" / "report.md").read_text()
+    assert "| Teacher (CE) |" in md and "test_acc.png" in md
+
+
+def test_rerun_is_idempotent(smoke_run: Path, cache_dir: Path) -> None:
+    before = {s: (smoke_run / s / "checkpoint.pt").stat().st_mtime_ns for s in ("teacher", "student-kd")}
+    proc = run_cli(["pipeline", "--preset", "smoke", f"run.dir={smoke_run}", f"data.cache_dir={cache_dir}"])
+    assert "already trained" in proc.stderr and "cache is up to date" in proc.stderr
+    after = {s: (smoke_run / s / "checkpoint.pt").stat().st_mtime_ns for s in ("teacher", "student-kd")}
+    assert before == after
+
+
+@pytest.fixture(scope="session")
+def smoke_run_ddp(cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run_dir = tmp_path_factory.mktemp("smoke-ddp")
+    run_cli(["pipeline", "--preset", "smoke", f"run.dir={run_dir}", f"data.cache_dir={cache_dir}"], torchrun=2)
+    return run_dir
+
+
+def test_two_process_torchrun_pipeline(smoke_run_ddp: Path) -> None:
+    res = _results(smoke_run_ddp)
+    assert res["teacher"]["test_acc"] > 0.5
+    for stage in ("teacher", "student-normal", "student-kd"):
+        summary = json.loads((smoke_run_ddp / stage / "summary.json").read_text())
+        assert summary["world_size"] == 2
+    manifest = json.loads((smoke_run_ddp / "teacher-logits" / "manifest.json").read_text())
+    assert manifest["world_size"] == 2
+
+
+def _eval(run_dir: Path, cache_dir: Path, nproc: int) -> dict:
+    args = ["smoke", f"run.dir={run_dir}", f"data.cache_dir={cache_dir}", "train.eval_batch_size=48"]
+    worker = str(REPO / "tests" / "workers" / "eval_teacher.py")
+    if nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", worker]
+    else:
+        cmd = [sys.executable, worker]
+    proc = subprocess.run([*cmd, *args], cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_ddp_all_reduced_metrics_match_one_process(smoke_run: Path, cache_dir: Path) -> None:
+    one = _eval(smoke_run, cache_dir, 1)
+    two = _eval(smoke_run, cache_dir, 2)
+    assert (one["world_size"], two["world_size"]) == (1, 2)
+    # 256 test images split 128/128 in batches of 48: a different batching, the same model
+    assert two["test_acc"] == one["test_acc"]
+    assert two["test_loss"] == pytest.approx(one["test_loss"], rel=1e-5)
+
+
+def _write_gray_imagefolder(root: Path, classes: int, per_class: int) -> None:
+    rng = np.random.default_rng(0)
+    for split, n in (("train", per_class), ("test", per_class // 4)):
+        for c in range(classes):
+            d = root / split / f"kind{c}"
+            d.mkdir(parents=True)
+            for i in range(n):
+                base = np.zeros((28, 28))
+                base[:, c * 7:(c + 1) * 7] = 200  # a vertical bar whose place is the class
+                img = np.clip(base + rng.normal(30, 25, (28, 28)), 0, 255).astype(np.uint8)
+                Image.fromarray(img, "L").save(d / f"{i}.png")
+
+
+def test_unseen_imagefolder_grayscale_28px(tmp_path: Path, cache_dir: Path) -> None:
+    """The issue's acceptance command, on 4 classes of grayscale 28x28 images."""
+    _write_gray_imagefolder(tmp_path / "gray", classes=4, per_class=400)
+    run_dir = tmp_path / "run"
+    run_cli(["pipeline", "--preset", "quick", "data.source=imagefolder", f"data.root={tmp_path / 'gray'}",
+             f"run.dir={run_dir}", "optim.epochs=1", f"data.cache_dir={cache_dir}"])
+    res = _results(run_dir)
+    for key in ("teacher", "student_normal", "student_kd"):
+        assert res[key]["test_acc"] > 0.5, res  # chance is 0.25
+    assert res["teacher"]["epochs"] == 1
+
+
+@pytest.mark.parametrize("args, message", [
+    (["data.source=imagefolder", "data.root=/nonexistent/dir"], "data.root /nonexistent/dir does not exist"),
+    (["kd.alpha=2"], "kd.alpha=2.0: must be in [0, 1]"),
+    (["kd.tempreature=2"], "did you mean kd.temperature?"),
+])
+def test_user_errors_exit_2_without_traceback(tmp_path: Path, args: list[str], message: str) -> None:
+    proc = run_cli(["pipeline", "--preset", "smoke", f"run.dir={tmp_path}", f"data.cache_dir={tmp_path}", *args],
+                   check=False)
+    assert proc.returncode == 2
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_odd_batch_for_world_size_is_refused(tmp_path: Path, cache_dir: Path) -> None:
+    proc = run_cli(["train-teacher", "--preset", "smoke", f"run.dir={tmp_path}", f"data.cache_dir={cache_dir}",
+                    "optim.batch_size=63"], torchrun=2, check=False)
+    assert proc.returncode != 0
+    assert "optim.batch_size=63 is not divisible by the world size 2" in proc.stderr

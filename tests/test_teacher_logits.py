@@ -1,0 +1,111 @@
+"""The teacher-logits cache replays exactly what the KD student sees, and refuses what it must."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kd_ddp.config import load_config
+from kd_ddp.data import prepare_data
+from kd_ddp.distributed import DistEnv
+from kd_ddp.teacher_logits import CacheError, check_cache
+from kd_ddp.train import load_trained_teacher
+from tests.conftest import REPO, run_cli
+
+
+def _replay(run_dir: Path, cache_dir: Path, nproc: int) -> list[dict]:
+    worker = str(REPO / "tests" / "workers" / "replay_check.py")
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+                if nproc > 1 else [sys.executable])
+    proc = subprocess.run([*launcher, worker, "smoke", f"run.dir={run_dir}", f"data.cache_dir={cache_dir}"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+
+
+def _check_replay(rows: list[dict], nproc: int) -> None:
+    assert sorted(r["rank"] for r in rows) == list(range(nproc))
+    for r in rows:
+        assert r["batches"] > 0
+        # fp16 storage: about 3 significant digits of the logits
+        assert r["max_abs_diff"] <= 2e-3 * max(1.0, r["max_abs_logit"]), r
+        # and the check can tell views apart: another view's logits are far off
+        assert r["max_abs_diff_wrong_view"] > 50 * max(r["max_abs_diff"], 1e-3), r
+
+
+def test_cache_replays_the_student_batches_one_process(smoke_run: Path, cache_dir: Path) -> None:
+    _check_replay(_replay(smoke_run, cache_dir, 1), 1)
+
+
+def test_cache_replays_the_student_batches_two_processes(smoke_run_ddp: Path, cache_dir: Path) -> None:
+    _check_replay(_replay(smoke_run_ddp, cache_dir, 2), 2)
+
+
+@pytest.fixture()
+def cache_copy(smoke_run: Path, tmp_path: Path) -> Path:
+    """A private copy of the smoke run's teacher and cache, safe to damage."""
+    for sub in ("teacher", "teacher-logits"):
+        shutil.copytree(smoke_run / sub, tmp_path / sub)
+    return tmp_path
+
+
+def _check(run_dir: Path, cache_dir: Path, *overrides: str) -> None:
+    cfg = load_config("smoke", [f"run.dir={run_dir}", f"data.cache_dir={cache_dir}", *overrides])
+    data = prepare_data(cfg, DistEnv())
+    _, teacher_hash = load_trained_teacher(cfg, data, DistEnv())
+    check_cache(cfg, data, teacher_hash)
+
+
+def test_valid_cache_is_accepted(cache_copy: Path, cache_dir: Path) -> None:
+    _check(cache_copy, cache_dir)
+
+
+def test_cache_for_another_augmentation_is_refused(cache_copy: Path, cache_dir: Path) -> None:
+    with pytest.raises(CacheError, match=r"augmentation\.crop_padding: cache has 4, this run needs 2"):
+        _check(cache_copy, cache_dir, "data.crop_padding=2")
+    with pytest.raises(CacheError, match=r"views: cache has 2, this run needs 3"):
+        _check(cache_copy, cache_dir, "kd.views=3")
+
+
+def test_cache_for_another_teacher_is_refused(cache_copy: Path, cache_dir: Path) -> None:
+    import torch
+
+    ckpt = cache_copy / "teacher" / "checkpoint.pt"
+    state = torch.load(ckpt, weights_only=False)
+    first = next(k for k in state["model"] if k.endswith("weight"))
+    state["model"][first] = state["model"][first] + 0.01  # another teacher, same architecture
+    torch.save(state, ckpt)
+    with pytest.raises(CacheError, match=r"teacher_weights: cache has '\w+', this run needs '\w+'") as e:
+        _check(cache_copy, cache_dir)
+    assert "kd-ddp cache-logits" in str(e.value)
+
+
+def test_truncated_or_corrupted_cache_is_detected(cache_copy: Path, cache_dir: Path) -> None:
+    path = cache_copy / "teacher-logits" / "logits.npy"
+    blob = path.read_bytes()
+    path.write_bytes(blob[: len(blob) - 40])
+    with pytest.raises(CacheError, match="truncated"):
+        _check(cache_copy, cache_dir)
+    flipped = bytearray(blob)
+    flipped[-3] ^= 0xFF
+    path.write_bytes(bytes(flipped))
+    with pytest.raises(CacheError, match="checksum mismatch"):
+        _check(cache_copy, cache_dir)
+
+
+def test_kd_student_refuses_a_bad_cache_and_pipeline_rebuilds_it(cache_copy: Path, cache_dir: Path) -> None:
+    path = cache_copy / "teacher-logits" / "logits.npy"
+    path.write_bytes(path.read_bytes()[:-40])
+    common = ["--preset", "smoke", f"run.dir={cache_copy}", f"data.cache_dir={cache_dir}"]
+    proc = run_cli(["train-student", "--mode", "kd", *common], check=False)
+    assert proc.returncode == 2 and "truncated" in proc.stderr and "kd-ddp cache-logits" in proc.stderr
+    proc = run_cli(["pipeline", *common])
+    assert "rebuilding the teacher-logits cache" in proc.stderr
+    cfg = load_config("smoke")
+    assert json.loads((cache_copy / "report" / "results.json").read_text())["student_kd"]["epochs"] == cfg.optim.epochs

@@ -1,0 +1,40 @@
+"""Check the teacher-logits cache against the live teacher on the KD student's own batches.
+
+For KD epochs 0..E-1 every rank walks its batches of the student's TrainLoader, builds the
+exact pixels the student receives (view e % views), runs the live teacher on them and
+compares with the cache's logits for those sample indices. Prints one JSON line per rank:
+{"rank", "batches", "max_abs_diff", "max_abs_diff_wrong_view"}.
+"""
+
+import json
+import sys
+
+from kd_ddp import distributed
+from kd_ddp.config import load_config
+from kd_ddp.data import TrainLoader, prepare_data
+from kd_ddp.teacher_logits import LogitsCache, teacher_view_logits
+from kd_ddp.train import amp_dtype, load_trained_teacher
+
+cfg = load_config(sys.argv[1], sys.argv[2:])
+env = distributed.setup(cfg)
+data = prepare_data(cfg, env)
+teacher, teacher_hash = load_trained_teacher(cfg, data, env)
+cache = LogitsCache(cfg, data, teacher_hash, env.device)
+mean, std = data.stats(env.device)
+loader = TrainLoader(cfg, data, env)
+worst = worst_wrong = 0.0
+batches = 0
+for epoch in range(cfg.epochs_for("student")):
+    view = epoch % cfg.kd.views
+    for images, _, idx in loader.epoch(epoch):
+        live = teacher_view_logits(teacher, images, idx, cfg=cfg, view=view, mean=mean, std=std,
+                                   amp_dtype=amp_dtype(cfg, env.device))
+        cached = cache.lookup(view, idx).float()
+        wrong = cache.lookup(view + 1, idx).float()
+        worst = max(worst, (live - cached).abs().max().item())
+        worst_wrong = max(worst_wrong, (live - wrong).abs().max().item())
+        batches += 1
+print(json.dumps({"rank": env.rank, "batches": batches, "max_abs_diff": worst,
+                  "max_abs_diff_wrong_view": worst_wrong,
+                  "max_abs_logit": cache.table.float().abs().max().item()}), flush=True)
+distributed.teardown()
