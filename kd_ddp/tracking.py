@@ -22,13 +22,16 @@ the same per-epoch records (epoch = W&B step) and the final summary to a W&B run
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
+import json
 import logging
 import os
 import platform
 import re
 import socket
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -115,8 +118,8 @@ def find_api_key() -> str | None:
     host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
     try:
         return wbauth.read_netrc_auth(host=host)
-    except Exception as e:  # a malformed netrc entry is as good as none
-        raise ConfigError(f"tracking.wandb.mode=online: the W&B entry in ~/.netrc is invalid ({e})") from None
+    except Exception as e:  # say so now, not from inside wandb.init an epoch later
+        raise ConfigError(f"the W&B entry in ~/.netrc (or $NETRC) is invalid: {e}") from None
 
 
 def preflight(cfg: Config) -> None:
@@ -143,10 +146,8 @@ def preflight(cfg: Config) -> None:
 def _versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
     for pkg in VERSIONED_PACKAGES:
-        try:
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             out[pkg] = importlib.metadata.version(pkg)
-        except importlib.metadata.PackageNotFoundError:
-            pass
     if torch.version.cuda:
         out["cuda"] = torch.version.cuda
         out["cudnn"] = str(torch.backends.cudnn.version())
@@ -157,7 +158,7 @@ def system_facts(cfg: Config, env: DistEnv) -> dict[str, Any]:
     from kd_ddp.train import amp_dtype  # lazy: train imports this module
 
     dtype = amp_dtype(cfg, env.device)
-    precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32") if dtype else "fp32"
+    precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
     cuda = env.device.type == "cuda"
     return {
         "device": str(env.device),
@@ -201,23 +202,41 @@ def _settings(cfg: Config) -> Any:
         x_disable_machine_info=True, init_timeout=INIT_TIMEOUT_S, finish_timeout=FINISH_TIMEOUT_S)
 
 
-def init_run(cfg: Config, job_type: str, name: str, config: dict[str, Any]) -> Any:
-    """A W&B run of this config's group, or None when tracking is off or init failed."""
+def init_run(cfg: Config, job_type: str, name: str, config: Callable[[], dict[str, Any]]) -> Any:
+    """A W&B run of this config's group, or None when tracking is off or init failed.
+    `config` is called inside the guard: gathering it must not be able to stop training."""
     if not enabled(cfg):
         return None
-    hermetic_env(cfg.run_dir)
 
     def start() -> Any:
+        hermetic_env(cfg.run_dir)
         import wandb
 
         w = cfg.tracking.wandb
         role = run_role(cfg.run_dir)[0]
         tags = [*w.tags, cfg.preset] + ([role] if role != "main" else [])
         return wandb.init(project=w.project, entity=w.entity or None, group=group_name(cfg), job_type=job_type,
-                          name=name, config=config, tags=tags, mode=w.mode, dir=str(cfg.run_dir.resolve()),
+                          name=name, config=config(), tags=tags, mode=w.mode, dir=str(cfg.run_dir.resolve()),
                           settings=_settings(cfg), reinit="finish_previous")
 
-    return _guard("init", start)
+    t0 = time.perf_counter()
+    run = _guard("init", start)
+    if run is not None:
+        log.info("W&B %s run %r (group %s) started in %.2f s under %s", cfg.tracking.wandb.mode, name,
+                 group_name(cfg), time.perf_counter() - t0, cfg.run_dir / "wandb")
+    return run
+
+
+def finish_run(run: Any, what: str, before: Callable[[], None]) -> None:
+    """`before()` (summary, artifacts, images) then finish, guarded and timed."""
+
+    def close() -> None:
+        t0 = time.perf_counter()
+        before()
+        run.finish()
+        log.info("W&B run %r finished in %.2f s", run.name, time.perf_counter() - t0)
+
+    _guard(what, close)
 
 
 # -- training stages ----------------------------------------------------------------------
@@ -238,16 +257,17 @@ class WandbTracker(StageTracker):
         self.cfg, self.stage, self.run = cfg, stage, run
 
     def log_epoch(self, record: dict[str, Any]) -> None:
-        _guard("log", lambda: self.run.log(dict(record), step=int(record["epoch"])))
+        # commit now: a row held back for the next step would be flushed at finish, after
+        # (and over) the final summary's values of the same keys.
+        _guard("log", lambda: self.run.log(dict(record), step=int(record["epoch"]), commit=True))
 
     def finish(self, summary: dict[str, Any]) -> None:
-        def close() -> None:
+        def record() -> None:
             self.run.summary.update(summary)
             for art in self._artifacts():
                 self.run.log_artifact(art)
-            self.run.finish()
 
-        _guard("finish", close)
+        finish_run(self.run, "finish", record)
 
     def _artifacts(self) -> list[Any]:
         import wandb
@@ -263,8 +283,6 @@ class WandbTracker(StageTracker):
         arts = [ckpt]
         cache = self.cfg.run_dir.resolve() / "teacher-logits"
         if self.stage == "student-kd" and self.cfg.kd.teacher == "cached" and (cache / "manifest.json").is_file():
-            import json
-
             cached = wandb.Artifact(_artifact_name(group, label, "teacher-logits"), type="teacher-logits",
                                     metadata=json.loads((cache / "manifest.json").read_text()),
                                     description="teacher-logits cache (referenced; sha256 in the manifest)")
@@ -279,9 +297,8 @@ def start_stage(cfg: Config, stage: str, env: DistEnv) -> StageTracker:
     if not env.is_main or not enabled(cfg):
         return StageTracker()
     role, name = run_role(cfg.run_dir)
-    config = {**cfg.to_dict(), "stage": stage, "run_role": role, "replica": name,
-              "system": system_facts(cfg, env)}
-    run = init_run(cfg, stage, run_label(cfg, stage), config)
+    run = init_run(cfg, stage, run_label(cfg, stage), lambda: {
+        **cfg.to_dict(), "stage": stage, "run_role": role, "replica": name, "system": system_facts(cfg, env)})
     return WandbTracker(cfg, stage, run) if run is not None else StageTracker()
 
 
@@ -290,16 +307,15 @@ def start_stage(cfg: Config, stage: str, env: DistEnv) -> StageTracker:
 
 def log_report(cfg: Config, results: dict[str, Any], images: dict[str, Path]) -> None:
     """One `report` run in the group: the report's PNGs as images, the results as summary."""
-    run = init_run(cfg, "report", run_label(cfg, "report"), {**cfg.to_dict(), "stage": "report"})
+    run = init_run(cfg, "report", run_label(cfg, "report"), lambda: {**cfg.to_dict(), "stage": "report"})
     if run is None:
         return
 
-    def push() -> None:
+    def record() -> None:
         import wandb
 
         run.log({f"plots/{key}": wandb.Image(str(path), caption=key) for key, path in images.items()})
         run.summary.update({f"{k}/test_acc": v["test_acc"] for k, v in results.items()
                             if isinstance(v, dict) and "test_acc" in v})
-        run.finish()
 
-    _guard("report logging", push)
+    finish_run(run, "report logging", record)
