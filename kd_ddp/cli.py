@@ -19,7 +19,7 @@ from kd_ddp.config import Config, ConfigError, load_config
 from kd_ddp.data import prepare_data
 from kd_ddp.sources import DataError
 from kd_ddp.teacher_logits import CacheError, build_cache, check_cache
-from kd_ddp.train import amp_dtype, load_trained_teacher, train_stage
+from kd_ddp.train import NonFiniteLoss, Preempted, amp_dtype, load_trained_teacher, train_stage
 
 log = logging.getLogger("kd_ddp")
 
@@ -122,6 +122,12 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as e:
         print(f"kd-ddp: error: {e}", file=sys.stderr)
         return 2
+    except NonFiniteLoss as e:
+        print(f"kd-ddp: error: {e}", file=sys.stderr)
+        return 3
+    except Preempted as e:
+        print(f"kd-ddp: {e}", file=sys.stderr)
+        return 143  # the shell's code for SIGTERM: schedulers and torchrun treat it as killed
     except KeyboardInterrupt:
         return 130
     return 0

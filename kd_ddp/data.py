@@ -301,6 +301,7 @@ class TrainLoader:
     """Batches of one rank for a given epoch: `for images, labels, idx in loader.epoch(e)`."""
 
     def __init__(self, cfg: Config, data: PreparedData, env: DistEnv) -> None:
+        self._start_step = 0
         self.n = data.size("train")
         self.batch_per_rank = cfg.optim.batch_size // env.world_size
         self.order = functools.partial(epoch_order, self.n, seed=cfg.seed, rank=env.rank,
@@ -309,17 +310,23 @@ class TrainLoader:
         if cfg.data.loader == "ffcv":
             workers = cfg.data.num_workers or max(1, available_cores() // env.local_world_size)
             self.impl: Any = FFCVLoader(data, "train", self.batch_per_rank, env.device,
-                                        lambda e: self.order(epoch=e), True, workers)
+                                        self._remaining_order, True, workers)
         else:
             self.impl = ArrayLoader(data, "train", self.batch_per_rank, env.device)
+
 
     def __len__(self) -> int:
         return self.steps
 
-    def epoch(self, epoch: int) -> Iterator[Batch]:
+    def _remaining_order(self, epoch: int) -> np.ndarray:
+        return self.order(epoch=epoch)[self._start_step * self.batch_per_rank:]
+
+    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
+        """Batches of `epoch` from step `start_step` on (a resumed epoch skips what it did)."""
+        self._start_step = start_step
         if isinstance(self.impl, FFCVLoader):
             return self.impl.iterate(epoch)
-        return self.impl.iterate(self.order(epoch=epoch), drop_last=True)
+        return self.impl.iterate(self._remaining_order(epoch), drop_last=True)
 
 
 class EvalLoader:

@@ -12,7 +12,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -36,6 +38,39 @@ from kd_ddp.tracking import StageTracker, start_stage
 log = logging.getLogger(__name__)
 
 STAGES = ("teacher", "student-normal", "student-kd")
+
+
+class Preempted(RuntimeError):
+    """The run was asked to stop (SIGTERM) and checkpointed mid-epoch; rerunning resumes."""
+
+
+class NonFiniteLoss(RuntimeError):
+    """The training loss became NaN/inf; the last good checkpoint is kept."""
+
+
+class StopRequest:
+    """SIGTERM (kill, torchrun shutting a group down, Slurm preemption) sets a flag; the loop
+    checkpoints after the current step. Ranks agree on the flag, so all stop at one step."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.previous: Any = None
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def close(self) -> None:
+        """Outside the step loop, SIGTERM must act as usual again."""
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+            self.previous = None
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self.requested = True
+
+    def agreed(self, env: DistEnv) -> bool:
+        if not env.distributed:
+            return self.requested
+        return all_reduce_sum([float(self.requested)], env)[0] > 0
 
 
 # -- precision ------------------------------------------------------------------------
@@ -195,7 +230,8 @@ def train_stage(cfg: Config, env: DistEnv, data: PreparedData, stage: str) -> di
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, total_steps, warmup))
     scaler = torch.amp.GradScaler(env.device.type, enabled=dtype == torch.float16)
 
-    start_epoch = 0
+    start_epoch = start_step = 0
+    partial = {"loss_sum": 0.0, "seen": 0, "time_s": 0.0}  # of an epoch interrupted mid-way
     ckpt_path = out / "checkpoint.pt"
     if ckpt_path.is_file():
         state = load_checkpoint(ckpt_path)
@@ -208,9 +244,14 @@ def train_stage(cfg: Config, env: DistEnv, data: PreparedData, stage: str) -> di
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["rng_cpu"])
+        if env.device.type == "cuda" and state.get("rng_cuda") is not None:
+            torch.cuda.set_rng_state(state["rng_cuda"], env.device)
         start_epoch = state["epoch"] + 1
+        start_step = state.get("step_in_epoch", 0)
+        partial = state.get("partial", partial)
         if env.is_main:
-            log.info("%s: resuming from epoch %d of %d (%s)", stage, start_epoch, epochs, ckpt_path)
+            log.info("%s: resuming at epoch %d step %d of %d epochs (%s)", stage, start_epoch + 1, start_step,
+                     epochs, ckpt_path)
     history = _read_jsonl(out / "metrics.jsonl")[:start_epoch]
 
     net: nn.Module = DDP(model) if env.distributed else model
@@ -225,19 +266,34 @@ def train_stage(cfg: Config, env: DistEnv, data: PreparedData, stage: str) -> di
                  stage, epochs, len(loader), cfg.optim.batch_size, env.world_size, env.device,
                  dtype or "off", cfg.data.loader)
 
+    def save(epochs_done: int, step_in_epoch: int = 0, part: dict[str, float] | None = None) -> None:
+        """Rank 0 writes the complete training state (atomically: see save_checkpoint)."""
+        if env.is_main:
+            save_checkpoint(ckpt_path, {
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                "rng_cpu": torch.get_rng_state(),
+                "rng_cuda": torch.cuda.get_rng_state(env.device) if env.device.type == "cuda" else None,
+                "epoch": epochs_done - 1, "step_in_epoch": step_in_epoch, "partial": part or {},
+                "fingerprint": fp_hash, "config": cfg.to_dict(), "num_classes": data.num_classes,
+            })
+
     tracker = start_stage(cfg, stage, env) if env.is_main else StageTracker()
     for record in history:  # a resumed run re-logs the epochs it keeps
         tracker.log_epoch(record)
     show_bar = env.is_main and cfg.tracking.progress and sys.stderr.isatty()
     stage_start = time.perf_counter()
+    stop = StopRequest()
     for epoch in range(start_epoch, epochs):
         net.train()
         view = epoch % cfg.kd.views if stage == "student-kd" else epoch
-        t0 = time.perf_counter()
-        loss_sum = torch.zeros((), dtype=torch.float64, device=env.device)
-        seen = 0
-        bar = tqdm(total=len(loader), desc=f"{stage} {epoch + 1}/{epochs}", disable=not show_bar, leave=False)
-        for images, labels, idx in loader.epoch(epoch):
+        first = start_step if epoch == start_epoch else 0
+        t0 = time.perf_counter() - (partial["time_s"] if first else 0.0)
+        loss_sum = torch.tensor(partial["loss_sum"] if first else 0.0, dtype=torch.float64, device=env.device)
+        seen = int(partial["seen"]) if first else 0
+        bar = tqdm(total=len(loader), initial=first, desc=f"{stage} {epoch + 1}/{epochs}", disable=not show_bar,
+                   leave=False)
+        for step, (images, labels, idx) in enumerate(loader.epoch(epoch, first), start=first):
             x = normalize(augment(images, idx, seed=cfg.seed, view=view, padding=cfg.data.crop_padding,
                                   flip=cfg.data.flip), mean, std, cfg.train.channels_last)
             with torch.autocast(env.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
@@ -258,6 +314,12 @@ def train_stage(cfg: Config, env: DistEnv, data: PreparedData, stage: str) -> di
             loss_sum += loss.detach().double() * len(labels)
             seen += len(labels)
             bar.update()
+            if stop.agreed(env) and step + 1 < len(loader):
+                save(epoch, step + 1, {"loss_sum": loss_sum.item(), "seen": seen, "time_s": time.perf_counter() - t0})
+                barrier(env)
+                stop.close()
+                raise Preempted(f"{stage}: stopped by signal; checkpointed at epoch {epoch + 1} step {step + 1} "
+                                f"in {ckpt_path}; run the same command again to resume")
         bar.close()
         lr = scheduler.get_last_lr()[0]
         train_loss_sum, train_seen = all_reduce_sum([loss_sum.item(), float(seen)], env)
@@ -274,24 +336,20 @@ def train_stage(cfg: Config, env: DistEnv, data: PreparedData, stage: str) -> di
             "eval_time_s": round(time.perf_counter() - t0 - epoch_time, 3),
         }
         if not math.isfinite(record["train_loss"]):
-            raise FloatingPointError(f"{stage}: non-finite training loss in epoch {epoch + 1}; "
+            raise NonFiniteLoss(f"{stage}: non-finite training loss in epoch {epoch + 1}; "
                                      f"the last good checkpoint is kept in {ckpt_path}")
         history.append(record)
         if env.is_main:
             with open(out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
             tracker.log_epoch(record)
-            save_checkpoint(ckpt_path, {
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                "rng_cpu": torch.get_rng_state(), "epoch": epoch, "fingerprint": fp_hash,
-                "config": cfg.to_dict(), "num_classes": data.num_classes,
-            })
+            save(epoch + 1)
             log.info("%s epoch %d/%d: train_loss %.4f test_loss %.4f test_acc %.4f (%.1f s, %.0f img/s)",
                      stage, epoch + 1, epochs, record["train_loss"], test_loss, test_acc, epoch_time,
                      record["images_per_s"])
         barrier(env)
 
+    stop.close()
     summary = {
         "stage": stage,
         "test_acc": history[-1]["test_acc"],

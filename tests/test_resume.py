@@ -1,0 +1,135 @@
+"""Fault tolerance: killed runs resume to the same weights as runs never interrupted."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import REPO
+
+# Enough steps per epoch that a signal lands mid-epoch: 3 epochs x 48 steps.
+LONG = ["--preset", "smoke", "data.synthetic_train=3072", "optim.batch_size=64", "optim.epochs=3",
+        "tracking.wandb.mode=disabled"]
+
+
+def _cmd(run_dir: Path, cache_dir: Path, nproc: int, extra: list[str] = ()) -> list[str]:
+    args = ["train-teacher", *LONG, f"run.dir={run_dir}", f"data.cache_dir={cache_dir}"]
+    if nproc > 1:
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                *extra, "-m", "kd_ddp", *args]
+    return [sys.executable, "-m", "kd_ddp", *args]
+
+
+def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run_dir / "teacher" / "checkpoint.pt", weights_only=False)["model"]
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    rows = [json.loads(x) for x in (run_dir / "teacher" / "metrics.jsonl").read_text().splitlines()]
+    return [{k: r[k] for k in ("epoch", "train_loss", "test_loss", "test_acc", "lr")} for r in rows]
+
+
+def _start(cmd: list[str]) -> subprocess.Popen[str]:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _signal_tree(proc: subprocess.Popen[str], sig: int) -> None:
+    """Signal torchrun and its workers at once, as a scheduler or the OOM killer would.
+    (torchrun's workers are not in its process group, so killpg alone would miss them.)"""
+    import psutil  # a dependency of wandb
+
+    parent = psutil.Process(proc.pid)
+    for p in [parent, *parent.children(recursive=True)]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.send_signal(sig)
+
+
+def _wait_for_epochs(run_dir: Path, n: int, proc: subprocess.Popen[str], timeout: float = 300) -> None:
+    path = run_dir / "teacher" / "metrics.jsonl"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.is_file() and len(path.read_text().splitlines()) >= n:
+            return
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    raise TimeoutError(f"{path} did not reach {n} epochs")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> dict[int, Path]:
+    """Uninterrupted runs, 1 and 2 processes."""
+    runs = {}
+    for nproc in (1, 2):
+        run_dir = tmp_path_factory.mktemp(f"ref{nproc}")
+        proc = subprocess.run(_cmd(run_dir, cache_dir, nproc), cwd=REPO, capture_output=True, text=True,
+                              env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[nproc] = run_dir
+    return runs
+
+
+def _assert_same_run(a: Path, b: Path) -> None:
+    wa, wb = _weights(a), _weights(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), f"{k} differs"
+    assert _metrics(a) == _metrics(b)
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tmp_path: Path, cache_dir: Path,
+                                                           reference: dict[int, Path], nproc: int) -> None:
+    proc = _start(_cmd(tmp_path, cache_dir, nproc))
+    _wait_for_epochs(tmp_path, 1, proc)
+    time.sleep(0.3)  # into epoch 2
+    _signal_tree(proc, signal.SIGKILL)
+    proc.wait()
+    assert len(_metrics(tmp_path)) < 3
+    done = subprocess.run(_cmd(tmp_path, cache_dir, nproc), cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resuming at epoch" in done.stderr
+    _assert_same_run(tmp_path, reference[nproc])
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_sigterm_checkpoints_mid_epoch_and_resumes_exactly(tmp_path: Path, cache_dir: Path,
+                                                          reference: dict[int, Path], nproc: int) -> None:
+    proc = _start(_cmd(tmp_path, cache_dir, nproc))
+    _wait_for_epochs(tmp_path, 1, proc)
+    time.sleep(0.3)
+    _signal_tree(proc, signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert "checkpointed at epoch" in err
+    state = torch.load(tmp_path / "teacher" / "checkpoint.pt", weights_only=False)
+    assert state["step_in_epoch"] > 0  # a mid-epoch checkpoint, not an epoch-end one
+    done = subprocess.run(_cmd(tmp_path, cache_dir, nproc), cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    _assert_same_run(tmp_path, reference[nproc])
+
+
+def test_torchrun_restarts_a_killed_worker_and_finishes(tmp_path: Path, cache_dir: Path,
+                                                       reference: dict[int, Path]) -> None:
+    proc = _start(_cmd(tmp_path, cache_dir, 2, ["--max-restarts=1"]))
+    _wait_for_epochs(tmp_path, 1, proc)
+    time.sleep(0.3)
+    workers = subprocess.run(["pgrep", "-f", "-P", str(proc.pid), "kd_ddp"], capture_output=True, text=True)
+    pids = [int(p) for p in workers.stdout.split()]
+    assert pids, "no torchrun workers found"
+    os.kill(pids[-1], signal.SIGKILL)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    assert "resuming at epoch" in err
+    _assert_same_run(tmp_path, reference[2])
