@@ -55,7 +55,8 @@ def run(preset: str, overrides: list[str], work: Path, repeats: int = 2, epochs:
         samples["kd_live"] += _student_run(cfg, env, data, "student-kd", "live", work)
     med = {k: statistics.median(v) for k, v in samples.items()}
     return {
-        "preset": preset, "overrides": overrides, "teacher": cfg.model.teacher, "teacher_width": cfg.model.teacher_width,
+        "preset": preset, "overrides": overrides,
+        "teacher": cfg.model.teacher, "teacher_width": cfg.model.teacher_width,
         "views": cfg.kd.views, "train_images": data.size("train"),
         "epoch_s": med, "samples": samples,
         "cached_over_normal": med["kd_cached"] / med["normal"],

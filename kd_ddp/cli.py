@@ -8,10 +8,14 @@ The same command runs in one process or under torchrun (`torchrun --standalone
 from __future__ import annotations
 
 import argparse
+import fcntl
 import logging
+import os
+import socket
 import sys
 import time
-from typing import Any
+from pathlib import Path
+from typing import IO, Any
 
 from kd_ddp import distributed, tracking
 from kd_ddp.checkpoint import CheckpointError, atomic_write_json
@@ -24,7 +28,6 @@ from kd_ddp.train import NonFiniteLoss, Preempted, amp_dtype, load_trained_teach
 log = logging.getLogger("kd_ddp")
 
 STAGE_COMMANDS = ("prepare-data", "train-teacher", "cache-logits", "train-student", "report", "pipeline")
-USER_ERRORS = (ConfigError, DataError, CacheError, CheckpointError, FileNotFoundError)
 
 
 def setup_logging(rank: int) -> None:
@@ -48,6 +51,31 @@ def cache_logits(cfg: Config, env: distributed.DistEnv, data: Any, rebuild_inval
     return build_cache(cfg, env, data, teacher, teacher_hash, amp_dtype(cfg, env.device))
 
 
+class RunDirBusy(RuntimeError):
+    """Another kd-ddp process works in this run dir."""
+
+
+def lock_run_dir(run_dir: Path) -> IO[str]:
+    """Hold an exclusive lock on the run dir for this process's lifetime (released by the
+    kernel even on SIGKILL), so two pipelines never write the same files at once."""
+    f = open(run_dir / ".kd-ddp.lock", "a+")  # noqa: SIM115 (held open on purpose)
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise RunDirBusy(f"run dir {run_dir} is in use by {holder}; wait for it or use another run.dir") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}")
+    f.flush()
+    return f
+
+
+USER_ERRORS = (ConfigError, DataError, CacheError, CheckpointError, FileNotFoundError, RunDirBusy)
+
+
 def run_stage(cfg: Config, stage: str, mode: str = "kd", wandb_report: bool = False,
               push_wandb_report: bool = False) -> dict[str, Any]:
     """Run one stage (or the whole pipeline) in this process, which may be one rank of many.
@@ -57,11 +85,12 @@ def run_stage(cfg: Config, stage: str, mode: str = "kd", wandb_report: bool = Fa
     """
     env = distributed.setup(cfg)
     setup_logging(env.rank)
+    lock = None
     try:
         if env.is_main:
             tracking.preflight(cfg)  # a missing W&B API key fails here, not after an epoch
-        if env.is_main:
             cfg.run_dir.mkdir(parents=True, exist_ok=True)
+            lock = lock_run_dir(cfg.run_dir)
             atomic_write_json(cfg.run_dir / f"config.{stage}.json", cfg.to_dict())
         start = time.perf_counter()
         result: dict[str, Any] = {}
@@ -97,6 +126,8 @@ def run_stage(cfg: Config, stage: str, mode: str = "kd", wandb_report: bool = Fa
             log.info("%s finished in %.1f s", stage, time.perf_counter() - start)
         return result
     finally:
+        if lock is not None:
+            lock.close()  # closing the file releases the flock
         distributed.teardown()
 
 

@@ -63,7 +63,13 @@ def setup(cfg: Config) -> DistEnv:
         backend = "nccl" if env.device.type == "cuda" else "gloo"
         if env.device.type == "cuda":
             torch.cuda.set_device(env.device)
-        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=60),
+        timeout = datetime.timedelta(minutes=60)
+        store, rank, world = next(dist.rendezvous("env://", timeout=timeout))
+        # torchrun keeps its store across elastic restarts: without a per-attempt prefix a
+        # restarted group reads the dead workers' gloo addresses and fails to connect.
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        dist.init_process_group(backend, store=dist.PrefixStore(f"kd_ddp/attempt{attempt}", store), rank=rank,
+                                world_size=world, timeout=timeout,
                                 device_id=env.device if backend == "nccl" else None)
     return env
 

@@ -32,6 +32,7 @@ import numpy as np
 
 matplotlib.use("Agg")  # headless: no display on cluster nodes or CI
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from kd_ddp import tracking  # noqa: E402
 from kd_ddp.checkpoint import atomic_write_bytes, atomic_write_json  # noqa: E402
@@ -76,6 +77,7 @@ def plot_curves(runs: dict[str, dict[str, Any]], metric: str, ylabel: str, path:
         ax.plot([m["epoch"] for m in r["metrics"]], [m[metric] for m in r["metrics"]],
                 marker="o", label=LABELS[key])
     ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.legend()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import resource
 import signal
 import sys
 import threading
@@ -288,9 +289,10 @@ def train_stage(cfg: Config, env: DistEnv, data: PreparedData, stage: str) -> di
         net.train()
         view = epoch % cfg.kd.views if stage == "student-kd" else epoch
         first = start_step if epoch == start_epoch else 0
+        resumed = bool(first) and env.is_main
         t0 = time.perf_counter() - (partial["time_s"] if first else 0.0)
-        loss_sum = torch.tensor(partial["loss_sum"] if first else 0.0, dtype=torch.float64, device=env.device)
-        seen = int(partial["seen"]) if first else 0
+        loss_sum = torch.tensor(partial["loss_sum"] if resumed else 0.0, dtype=torch.float64, device=env.device)
+        seen = int(partial["seen"]) if resumed else 0
         bar = tqdm(total=len(loader), initial=first, desc=f"{stage} {epoch + 1}/{epochs}", disable=not show_bar,
                    leave=False)
         for step, (images, labels, idx) in enumerate(loader.epoch(epoch, first), start=first):
@@ -315,7 +317,9 @@ def train_stage(cfg: Config, env: DistEnv, data: PreparedData, stage: str) -> di
             seen += len(labels)
             bar.update()
             if stop.agreed(env) and step + 1 < len(loader):
-                save(epoch, step + 1, {"loss_sum": loss_sum.item(), "seen": seen, "time_s": time.perf_counter() - t0})
+                # the partial sums are saved summed over ranks; on resume rank 0 alone restarts from them
+                part_loss, part_seen = all_reduce_sum([loss_sum.item(), float(seen)], env)
+                save(epoch, step + 1, {"loss_sum": part_loss, "seen": part_seen, "time_s": time.perf_counter() - t0})
                 barrier(env)
                 stop.close()
                 raise Preempted(f"{stage}: stopped by signal; checkpointed at epoch {epoch + 1} step {step + 1} "
@@ -363,6 +367,10 @@ def train_stage(cfg: Config, env: DistEnv, data: PreparedData, stage: str) -> di
         "weights_hash": weights_hash(model.state_dict()),
         "fingerprint": fp_hash,
         "session_time_s": round(time.perf_counter() - stage_start, 3),
+        # ru_maxrss is in KiB on Linux; it is the peak of this process so far (all stages it ran)
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak_cuda_mb": round(torch.cuda.max_memory_allocated(env.device) / 2**20, 1)
+        if env.device.type == "cuda" else None,
     }
     if stage == "student-kd":
         summary["kd"] = {"alpha": cfg.kd.alpha, "temperature": cfg.kd.temperature,

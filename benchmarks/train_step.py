@@ -1,0 +1,94 @@
+"""Teacher training step: memory format x precision, and the distance to the compute limit.
+
+Step: the teacher's forward + CE + backward + SGD step on one in-memory batch, for
+fp32 NCHW (the plain way), fp32 channels_last, and channels_last + bf16 autocast.
+Compute limit: a real training epoch (loader, augmentation, logging: `train_stage`) vs the
+same number of optimizer steps on a batch already in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from kd_ddp.config import Config, load_config
+from kd_ddp.data import prepare_data
+from kd_ddp.distributed import DistEnv
+from kd_ddp.models import build_model
+from kd_ddp.train import train_stage
+
+VARIANTS = {"fp32 NCHW": (False, None), "fp32 channels_last": (True, None),
+            "bf16 autocast + channels_last": (True, torch.bfloat16)}
+
+
+def _step_time(cfg: Config, channels_last: bool, dtype: torch.dtype | None, steps: int, batch: int) -> float:
+    torch.manual_seed(0)
+    model = build_model(cfg, "teacher", 10)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model = model.to(memory_format=fmt)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
+    x = torch.randn(batch, 3, 32, 32).contiguous(memory_format=fmt)
+    y = torch.randint(0, 10, (batch,))
+
+    def step() -> None:
+        with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
+            loss = F.cross_entropy(model(x).float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    for _ in range(3):
+        step()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return (time.perf_counter() - t0) / steps
+
+
+def run_steps(models: list[list[str]], steps: int = 8, batch: int = 256, repeats: int = 3) -> list[dict[str, Any]]:
+    rows = []
+    for overrides in models:
+        cfg = load_config("quick", overrides)
+        samples: dict[str, list[float]] = {k: [] for k in VARIANTS}
+        for _ in range(repeats):  # interleaved
+            for name, (cl, dtype) in VARIANTS.items():
+                samples[name].append(batch / _step_time(cfg, cl, dtype, steps, batch))
+        med = {k: statistics.median(v) for k, v in samples.items()}
+        rows.append({"model": f"{cfg.model.teacher} w{cfg.model.teacher_width}", "images_per_s": med,
+                     "samples": samples})
+    return rows
+
+
+def run_compute_limit(archive: str, cache_dir: Path, work: Path, epochs: int = 2) -> dict[str, Any]:
+    cfg = load_config("quick", [f"data.root={archive}", f"data.cache_dir={cache_dir}", f"run.dir={work}",
+                                f"optim.teacher_epochs={epochs}", "tracking.wandb.mode=disabled",
+                                "tracking.progress=false"])
+    env = DistEnv()
+    data = prepare_data(cfg, env)
+    train_stage(cfg, env, data, "teacher")
+    rows = [json.loads(x) for x in (work / "teacher" / "metrics.jsonl").read_text().splitlines()]
+    epoch_s = statistics.median(r["epoch_time_s"] for r in rows[1:])  # after FFCV's JIT epoch
+    steps = data.size("train") // cfg.optim.batch_size
+    limit_s = steps * _step_time(cfg, cfg.train.channels_last, None, 20, cfg.optim.batch_size)
+    return {"epoch_s": epoch_s, "limit_s": limit_s, "overhead": epoch_s / limit_s - 1, "steps": steps}
+
+
+def markdown(rows: list[dict[str, Any]], limit: dict[str, Any] | None) -> str:
+    out = ["| model | " + " | ".join(VARIANTS) + " | best vs fp32 NCHW (target >= 3x) |",
+           "|---|" + "---|" * (len(VARIANTS) + 1)]
+    for r in rows:
+        m = r["images_per_s"]
+        base = m["fp32 NCHW"]
+        out.append(f"| {r['model']} | " + " | ".join(f"{m[k]:.0f} img/s ({m[k] / base:.2f}x)" for k in VARIANTS)
+                   + f" | {max(m.values()) / base:.2f}x |")
+    if limit:
+        out += ["", "| real teacher epoch (s) | same steps on an in-memory batch (s) | overhead (target <= 10%) |",
+                "|---|---|---|",
+                f"| {limit['epoch_s']:.1f} | {limit['limit_s']:.1f} | {100 * limit['overhead']:+.1f}% |"]
+    return "\n".join(out)
