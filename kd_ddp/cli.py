@@ -55,10 +55,11 @@ class RunDirBusy(RuntimeError):
     """Another kd-ddp process works in this run dir."""
 
 
-def lock_run_dir(run_dir: Path) -> IO[str]:
-    """Hold an exclusive lock on the run dir for this process's lifetime (released by the
-    kernel even on SIGKILL), so two pipelines never write the same files at once."""
-    f = open(run_dir / ".kd-ddp.lock", "a+")  # noqa: SIM115 (held open on purpose)
+def lock_run_dir(run_dir: Path, name: str = "") -> IO[str]:
+    """Hold an exclusive lock on the run dir (or on one stage of it: `name`) for this process's
+    lifetime (released by the kernel even on SIGKILL), so two runs never write the same files."""
+    path = run_dir / (f".kd-ddp.{name}.lock" if name else ".kd-ddp.lock")
+    f = open(path, "a+")  # noqa: SIM115 (held open on purpose)
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -76,6 +77,15 @@ def lock_run_dir(run_dir: Path) -> IO[str]:
 USER_ERRORS = (ConfigError, DataError, CacheError, CheckpointError, FileNotFoundError, RunDirBusy)
 
 
+def lock_names(stage: str, mode: str) -> list[str]:
+    """The locks a stage takes: its own, so that different stages of one run dir (the Slurm
+    chain's two students) run side by side; `pipeline` takes the run dir's and every stage's."""
+    if stage == "pipeline":
+        return ["", "prepare-data", "train-teacher", "cache-logits", "train-student-normal", "train-student-kd",
+                "report"]
+    return [f"train-student-{mode}" if stage == "train-student" else stage]
+
+
 def run_stage(cfg: Config, stage: str, mode: str = "kd", wandb_report: bool = False,
               push_wandb_report: bool = False) -> dict[str, Any]:
     """Run one stage (or the whole pipeline) in this process, which may be one rank of many.
@@ -85,12 +95,13 @@ def run_stage(cfg: Config, stage: str, mode: str = "kd", wandb_report: bool = Fa
     """
     env = distributed.setup(cfg)
     setup_logging(env.rank)
-    lock = None
+    locks: list[IO[str]] = []
     try:
         if env.is_main:
             tracking.preflight(cfg)  # a missing W&B API key fails here, not after an epoch
             cfg.run_dir.mkdir(parents=True, exist_ok=True)
-            lock = lock_run_dir(cfg.run_dir)
+            for name in lock_names(stage, mode):
+                locks.append(lock_run_dir(cfg.run_dir, name))
             atomic_write_json(cfg.run_dir / f"config.{stage}.json", cfg.to_dict())
         start = time.perf_counter()
         result: dict[str, Any] = {}
@@ -126,7 +137,7 @@ def run_stage(cfg: Config, stage: str, mode: str = "kd", wandb_report: bool = Fa
             log.info("%s finished in %.1f s", stage, time.perf_counter() - start)
         return result
     finally:
-        if lock is not None:
+        for lock in locks:
             lock.close()  # closing the file releases the flock
         distributed.teardown()
 

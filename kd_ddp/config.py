@@ -112,6 +112,52 @@ class TrackingConfig:
 
 
 @dataclass
+class StageResources:
+    """What one Slurm job of a stage asks for (launch/slurm.py turns it into sbatch flags)."""
+
+    nodes: int = 1
+    tasks_per_node: int = 1  # > 1 (or nodes > 1): one torch.distributed rank per task
+    gpus_per_task: int = 0
+    cpus_per_task: int = 8
+    mem_gb: float = 0  # per node; 0 = the partition's default
+    time_min: int = 60
+    partition: str = ""  # "" = the cluster's default
+    account: str = ""
+    qos: str = ""
+    constraint: str = ""
+    # More sbatch flags as key=value (or a bare key for a flag): extra=exclusive,mail-type=END
+    extra: list[str] = field(default_factory=list)
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.tasks_per_node
+
+
+def _gpu_stage(time_min: int) -> StageResources:
+    return StageResources(gpus_per_task=1, cpus_per_task=8, mem_gb=32, time_min=time_min)
+
+
+@dataclass
+class SlurmConfig:
+    """Per-stage resources of the Slurm launchers (launch/slurm.py), with defaults for a GPU cluster."""
+
+    log_dir: str = ""  # submitit folders and logs; "" = <run.dir>/slurm
+    # USR2 comes this long before the time limit; submitit requeues the job (NCCL owns USR1).
+    signal_delay_s: int = 120
+    max_timeouts: int = 3  # times a job that hits its time limit is requeued to resume
+    array_parallelism: int = 64  # sweep students running at once
+    prepare_data: StageResources = field(default_factory=lambda: StageResources(mem_gb=16, time_min=60))
+    teacher: StageResources = field(default_factory=lambda: _gpu_stage(240))
+    cache_logits: StageResources = field(default_factory=lambda: _gpu_stage(60))
+    student: StageResources = field(default_factory=lambda: _gpu_stage(180))  # both students, sweeps
+    report: StageResources = field(default_factory=lambda: StageResources(cpus_per_task=1, mem_gb=4, time_min=15))
+
+    def stages(self) -> dict[str, StageResources]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if isinstance(getattr(self, f.name), StageResources)}
+
+
+@dataclass
 class Config:
     preset: str = "seed"
     seed: int = 0
@@ -122,6 +168,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     run: RunConfig = field(default_factory=RunConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
 
     # -- derived values -------------------------------------------------------------
     def epochs_for(self, stage: str) -> int:
@@ -184,6 +231,8 @@ def _preset_smoke(cfg: Config) -> None:
     cfg.optim.warmup_epochs = 0.5
     cfg.kd.views = 2
     cfg.train.eval_batch_size = 128
+    for res in cfg.slurm.stages().values():  # the CPU-only dev cluster of the tests
+        res.gpus_per_task, res.cpus_per_task, res.mem_gb, res.time_min = 0, 1, 1, 30
 
 
 PRESETS: dict[str, typing.Callable[[Config], None]] = {
@@ -339,8 +388,30 @@ def validate(cfg: Config) -> None:
     need(cfg.train.threads >= 0, "train.threads must be >= 0")
     need(cfg.train.eval_batch_size >= 1, "train.eval_batch_size must be >= 1")
     need(bool(cfg.run.dir), "run.dir must not be empty")
+    problems += _slurm_problems(cfg)
     if problems:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+
+
+def _slurm_problems(cfg: Config) -> list[str]:
+    s = cfg.slurm
+    problems = [f"slurm.{name}={getattr(s, name)}: must be >= {low}"
+                for name, low in (("signal_delay_s", 0), ("max_timeouts", 0), ("array_parallelism", 1))
+                if getattr(s, name) < low]
+    for stage, res in s.stages().items():
+        key = f"slurm.{stage}"
+        problems += [f"{key}.{name}={getattr(res, name)}: must be >= {low}"
+                     for name, low in (("nodes", 1), ("tasks_per_node", 1), ("gpus_per_task", 0),
+                                       ("cpus_per_task", 1), ("mem_gb", 0), ("time_min", 1))
+                     if getattr(res, name) < low]
+        problems += [f"{key}.extra: {item!r} is not key=value or a flag" for item in res.extra
+                     if not item.partition("=")[0].strip().lstrip("-")]
+    for stage in ("teacher", "student"):
+        ranks = getattr(s, stage).world_size
+        if cfg.optim.batch_size % ranks:
+            problems.append(f"optim.batch_size={cfg.optim.batch_size} is not divisible by the "
+                            f"{ranks} ranks of slurm.{stage} (nodes x tasks_per_node)")
+    return problems
 
 
 def fingerprint(values: Any) -> str:

@@ -1,0 +1,316 @@
+"""The Slurm launchers against a real Slurm: the dev cluster of slurm/dev-cluster, no mocks.
+
+A session fixture starts a private cluster (slurmctld, slurmd, slurmdbd + MariaDB) in a tmp
+STATE_DIR and stops it at the end. Every job is the smoke preset on synthetic data.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from launch.slurm import Step, expand_wildcards, point_name, split_grid, sweep_steps
+
+REPO = Path(__file__).resolve().parents[1]
+DEV_CLUSTER = REPO / "slurm" / "dev-cluster"
+SLURM_BINARIES = ("sbatch", "srun", "scontrol", "sacct", "slurmctld", "slurmd", "slurmdbd", "munged", "mariadbd")
+MISSING = [b for b in SLURM_BINARIES if shutil.which(b) is None]
+pytestmark = pytest.mark.skipif(
+    bool(MISSING), reason=f"Slurm is not installed (missing {', '.join(MISSING)}); "
+                          "slurm/dev-cluster/install.sh installs it")
+
+# torch loader: no FFCV JIT in every job; no W&B: nothing to do with Slurm.
+COMMON = ["data.loader=torch", "tracking.wandb.mode=disabled", "tracking.progress=false"]
+
+
+@pytest.fixture(scope="session")
+def slurm_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """Environment for Slurm commands and the launcher, with a dev cluster running."""
+    state = tmp_path_factory.mktemp("slurm-state")
+    start = subprocess.run([str(DEV_CLUSTER / "start.sh"), str(state)], capture_output=True, text=True,
+                           timeout=300)
+    if start.returncode != 0:
+        pytest.fail(f"slurm/dev-cluster/start.sh failed:\n{start.stderr[-6000:]}")
+    env = {**os.environ, "SLURM_CONF": str(state / "etc" / "slurm.conf"), "PYTHONPATH": str(REPO)}
+    try:
+        yield env
+    finally:
+        stop = subprocess.run([str(DEV_CLUSTER / "stop.sh"), str(state)], capture_output=True, text=True,
+                              timeout=300)
+        assert stop.returncode == 0, stop.stderr[-3000:]
+
+
+# -- helpers ----------------------------------------------------------------------------
+
+
+def slurm(env: dict[str, str], *cmd: str) -> str:
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, check=True, timeout=60).stdout
+
+
+def launch(env: dict[str, str], *args: str, timeout: int = 600) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "launch.slurm", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def wait_until(what: str, check: Callable[[], Any], timeout: float, poll: float = 0.2) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(poll)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def read_record(run_dir: Path, kind: str = "pipeline") -> dict[str, Any] | None:
+    found = sorted((run_dir / "slurm").glob(f"{kind}-*.json"))
+    return json.loads(found[-1].read_text()) if found else None
+
+
+def sacct_states(env: dict[str, str], job_ids: list[str]) -> dict[str, tuple[str, str]]:
+    """job id -> (job name, state) of every job and array task, allocations only."""
+    out = slurm(env, "sacct", "-X", "-n", "-P", "-o", "JobID,JobName,State", "-j", ",".join(job_ids))
+    rows = [line.split("|") for line in out.splitlines() if line.strip()]
+    return {r[0]: (r[1], r[2].split()[0]) for r in rows}
+
+
+def job_fields(env: dict[str, str], job_id: str) -> dict[str, str]:
+    line = slurm(env, "scontrol", "show", "job", "-o", job_id).splitlines()[0]
+    return dict(re.findall(r"(\w+)=(\S*)", line))
+
+
+def by_key(record: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {j["key"]: j for j in record["jobs"]}
+
+
+def common(run_dir: Path, cache_dir: Path) -> list[str]:
+    return [f"run.dir={run_dir}", f"data.cache_dir={cache_dir}", *COMMON]
+
+
+# -- the planner, without a cluster -----------------------------------------------------
+
+
+def test_sweep_grid_and_plan(tmp_path: Path) -> None:
+    base, grid = split_grid(["kd.alpha=0.1,0.9", "seed=0,1", "tracking.wandb.tags=a,b", "optim.epochs=3"])
+    assert base == ["tracking.wandb.tags=a,b", "optim.epochs=3"]  # a list field keeps its commas
+    assert grid == {"kd.alpha": ["0.1", "0.9"], "seed": ["0", "1"]}
+    assert point_name({"kd.alpha": "0.5", "kd.temperature": "4", "seed": "0"}) == "a0.5-t4-s0"
+    with pytest.raises(ValueError, match="cannot be swept"):
+        split_grid(["model.teacher_width=8,16"])  # would need another teacher
+    assert expand_wildcards(["slurm.*.cpus_per_task=1"])[:2] == ["slurm.prepare_data.cpus_per_task=1",
+                                                                  "slurm.teacher.cpus_per_task=1"]
+
+    steps: list[Step] = sweep_steps("smoke", [f"run.dir={tmp_path}"], grid)
+    assert [(s.key, s.after) for s in steps] == [
+        ("prepare-data", []), ("train-teacher", ["prepare-data"]),
+        ("cache-logits", ["train-teacher"]), ("cache-logits-seed1", ["train-teacher"]),
+        ("student-normal", ["cache-logits", "cache-logits-seed1"]),
+        ("student-kd", ["cache-logits", "cache-logits-seed1"]), ("report", ["student-normal", "student-kd"])]
+    kd = steps[5]
+    assert kd.names == ["a0.1-s0", "a0.1-s1", "a0.9-s0", "a0.9-s1"]
+    # One teacher for all; one logits cache per seed (its views are augmented with the seed).
+    point = tmp_path / "sweep" / "a0.9-s1"
+    assert (point / "teacher").resolve() == (tmp_path / "teacher").resolve()
+    assert (point / "teacher-logits").resolve() == (tmp_path / "sweep-caches" / "seed1" / "teacher-logits")
+    assert steps[3].configs[0].seed == 1 and kd.configs[3].kd.alpha == 0.9
+
+
+# -- the pipeline: a chain of jobs, one of them with 2 tasks -----------------------------
+
+
+@dataclass
+class PipelineRun:
+    proc: subprocess.CompletedProcess[str]
+    run_dir: Path
+    record: dict[str, Any]
+    pending: dict[str, dict[str, str]]  # `scontrol show job` of every job while the chain was held
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(slurm_env: dict[str, str], cache_dir: Path, tmp_path_factory: pytest.TempPathFactory
+                 ) -> Iterator[PipelineRun]:
+    """The smoke pipeline through `launch.slurm --wait`, submitted held so that the test can
+    read every dependency from slurmctld before anything runs; teacher on 2 tasks."""
+    run_dir = tmp_path_factory.mktemp("slurm-pipeline")
+    cmd = [sys.executable, "-m", "launch.slurm", "pipeline", "--preset", "smoke", "--wait", "--hold",
+           "--poll-s", "1", "slurm.teacher.tasks_per_node=2", *common(run_dir, cache_dir)]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=slurm_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        record = wait_until("the launcher's record", lambda: read_record(run_dir), 120)
+        pending = {j["key"]: job_fields(slurm_env, j["job_id"]) for j in record["jobs"]}
+        slurm(slurm_env, "scontrol", "release", by_key(record)["prepare-data"]["job_id"])
+        out, err = proc.communicate(timeout=540)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    yield PipelineRun(subprocess.CompletedProcess(cmd, proc.returncode, out, err), run_dir, record, pending)
+
+
+def test_pipeline_completes_and_writes_report(pipeline_run: PipelineRun) -> None:
+    p = pipeline_run
+    assert p.proc.returncode == 0, p.proc.stdout + p.proc.stderr
+    results = json.loads((p.run_dir / "report" / "results.json").read_text())
+    assert {"teacher", "student_normal", "student_kd"} <= set(results)
+    assert "pipeline finished" in p.proc.stdout
+
+
+def test_each_stage_is_its_own_job_with_afterok_dependencies(pipeline_run: PipelineRun,
+                                                            slurm_env: dict[str, str]) -> None:
+    jobs = by_key(pipeline_run.record)
+    assert list(jobs) == ["prepare-data", "train-teacher", "cache-logits", "student-normal", "student-kd", "report"]
+    ids = {k: j["job_id"] for k, j in jobs.items()}
+    expected = {"prepare-data": [], "train-teacher": ["prepare-data"], "cache-logits": ["train-teacher"],
+                "student-normal": ["cache-logits"], "student-kd": ["cache-logits"],
+                "report": ["student-normal", "student-kd"]}
+    for key, parents in expected.items():
+        fields = pipeline_run.pending[key]
+        assert fields["JobState"] == "PENDING", (key, fields)
+        assert sorted(re.findall(r"afterok:(\d+)", fields["Dependency"])) == sorted(ids[p] for p in parents), key
+        assert jobs[key]["depends_on"] == [ids[p] for p in parents]
+    assert pipeline_run.pending["prepare-data"]["Reason"] == "JobHeldUser"
+    # sacct: every stage a job of its own, named after it, and completed.
+    assert sacct_states(slurm_env, list(ids.values())) == {ids[k]: (f"kd-{k}", "COMPLETED") for k in ids}
+
+
+def test_two_task_job_trains_with_world_size_2(pipeline_run: PipelineRun) -> None:
+    teacher = by_key(pipeline_run.record)["train-teacher"]
+    assert teacher["tasks"] == 2
+    log0 = Path(teacher["log"])
+    log1 = log0.with_name(log0.name.replace("_0_log", "_1_log"))
+    assert "rank 0 of world size 2" in log0.read_text()
+    assert "rank 1 of world size 2" in log1.read_text()  # a second Slurm task, same process group
+    assert "on 2 rank(s)" in log0.read_text()
+    summary = json.loads((pipeline_run.run_dir / "teacher" / "summary.json").read_text())
+    assert summary["world_size"] == 2
+
+
+# -- a sweep: one array of KD students --------------------------------------------------
+
+
+def test_sweep_runs_as_one_array_and_report_lists_every_point(slurm_env: dict[str, str], cache_dir: Path,
+                                                              tmp_path: Path) -> None:
+    proc = launch(slurm_env, "sweep", "--preset", "smoke", "--wait", "--poll-s", "1",
+                  "kd.alpha=0.1,0.9", "seed=0,1", *common(tmp_path, cache_dir))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    record = read_record(tmp_path, "sweep")
+    assert record is not None
+    arrays = [j for j in record["jobs"] if j["array"]]
+    assert len(arrays) == 1, "the KD students must be one job array"
+    kd = arrays[0]
+    names = [a["name"] for a in kd["array"]]
+    assert names == ["a0.1-s0", "a0.1-s1", "a0.9-s0", "a0.9-s1"]
+    assert [a["job_id"] for a in kd["array"]] == [f"{kd['job_id']}_{i}" for i in range(4)]
+    assert kd["job_id"] in by_key(record)["report"]["depends_on"]  # the whole array, not one task
+    states = sacct_states(slurm_env, [kd["job_id"]])
+    assert {states[a["job_id"]][1] for a in kd["array"]} == {"COMPLETED"}
+
+    results = json.loads((tmp_path / "report" / "results.json").read_text())
+    assert sorted(e["name"] for e in results["sweep"]) == names
+    assert "student_normal" in results and "teacher" in results
+    report_md = (tmp_path / "report" / "report.md").read_text()
+    assert all(name in report_md for name in names)
+    # One teacher; a logits cache per seed, each keyed by its seed.
+    for seed, d in ((0, tmp_path), (1, tmp_path / "sweep-caches" / "seed1")):
+        assert json.loads((d / "teacher-logits" / "manifest.json").read_text())["key"]["seed"] == seed
+    for point in kd["array"]:
+        summary = json.loads((Path(point["run_dir"]) / "student-kd" / "summary.json").read_text())
+        assert summary["kd"]["alpha"] == float(point["name"][1:4])
+
+
+# -- preemption -------------------------------------------------------------------------
+
+
+def test_preempted_training_job_checkpoints_requeues_and_resumes(slurm_env: dict[str, str], cache_dir: Path,
+                                                                 tmp_path: Path) -> None:
+    """USR2 (what Slurm sends before preempting or at the time limit): submitit calls
+    checkpoint() and requeues. `scontrol requeue`: no signal at all, the job just restarts.
+    Both times the stage must resume from its last epoch checkpoint, not from scratch."""
+    epochs = 16
+    proc = launch(slurm_env, "pipeline", "--stages", "train-teacher", "--preset", "smoke",
+                  f"optim.teacher_epochs={epochs}", *common(tmp_path, cache_dir))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    record = read_record(tmp_path)
+    assert record is not None
+    job = by_key(record)["train-teacher"]
+    job_id, log = job["job_id"], Path(job["log"])
+    metrics = tmp_path / "teacher" / "metrics.jsonl"
+
+    def epochs_done() -> int:
+        return len(metrics.read_text().splitlines()) if metrics.is_file() else 0
+
+    def resumes() -> list[int]:
+        text = log.read_text() if log.is_file() else ""
+        return [int(e) for e in re.findall(r"teacher: resuming (?:from|at) epoch (\d+)", text)]
+
+    wait_until("2 teacher epochs", lambda: epochs_done() >= 2, 300, poll=0.1)
+    slurm(slurm_env, "scancel", "--signal=USR2", job_id)
+    first = wait_until("the resume after USR2", resumes, 180)[0]
+    assert 2 <= first <= epochs  # not from scratch
+
+    wait_until("an epoch after the resume", lambda: epochs_done() > first, 120, poll=0.1)
+    slurm(slurm_env, "scontrol", "requeue", job_id)
+    second = wait_until("the resume after scontrol requeue", lambda: resumes()[1:], 180)[0]
+    assert first < second <= epochs  # from the newer checkpoint
+
+    wait_until("the job to complete", lambda: sacct_states(slurm_env, [job_id])[job_id][1] == "COMPLETED", 300, 1)
+    text = log.read_text()
+    assert "Caught signal SIGUSR2" in text and "interrupted; requeueing" in text
+    assert [json.loads(line)["epoch"] for line in metrics.read_text().splitlines()] == list(range(1, epochs + 1))
+    assert json.loads((tmp_path / "teacher" / "summary.json").read_text())["epochs"] == epochs
+
+
+# -- failure ----------------------------------------------------------------------------
+
+
+def test_failed_stage_cancels_its_dependents_and_is_named(slurm_env: dict[str, str], cache_dir: Path,
+                                                          tmp_path: Path) -> None:
+    proc = launch(slurm_env, "pipeline", "--preset", "smoke", "--wait", "--poll-s", "1",
+                  "data.source=imagefolder", f"data.root={tmp_path / 'no-such-data'}", *common(tmp_path, cache_dir))
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "stage prepare-data failed" in proc.stderr
+    record = read_record(tmp_path)
+    assert record is not None
+    failed = by_key(record)["prepare-data"]
+    assert f"log:   {failed['log']}" in proc.stderr and "no-such-data" in proc.stderr
+    assert "no-such-data" in Path(failed["log"]).read_text()
+
+    ids = [j["job_id"] for j in record["jobs"]]
+    wait_until("no job of the chain left in the queue",
+               lambda: not set(slurm(slurm_env, "squeue", "-h", "-o", "%i").split()) & set(ids), 30, 1)
+    dependents = ids[1:]
+
+    def cancelled() -> bool:
+        states = sacct_states(slurm_env, ids)
+        return {states[i][1] for i in dependents} == {"CANCELLED"}
+
+    wait_until("every dependent job to show as cancelled in sacct", cancelled, 60, 1)
+    assert sacct_states(slurm_env, [failed["job_id"]])[failed["job_id"]][1] == "FAILED"
+
+
+# -- the plain sbatch template ----------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_sbatch_template_runs_torchrun_with_two_ranks(slurm_env: dict[str, str], cache_dir: Path,
+                                                      tmp_path: Path) -> None:
+    env = {**slurm_env, "NPROC_PER_NODE": "2", "KD_DDP_PYTHON": sys.executable}
+    out = subprocess.run(["sbatch", "--wait", "--parsable", "--cpus-per-task=2", "--time=20",
+                          f"--output={tmp_path}/%j.out", str(REPO / "slurm" / "kd-ddp.sbatch"), "train-teacher",
+                          "--preset", "smoke", "train.threads=1", *common(tmp_path / "run", cache_dir)],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    job_id = out.stdout.strip().split(";")[0]
+    log = (tmp_path / f"{job_id}.out").read_text() if job_id else ""
+    assert out.returncode == 0, out.stderr + log
+    assert "1 node(s) x 2 rank(s)" in log and "on 2 rank(s)" in log
+    assert json.loads((tmp_path / "run" / "teacher" / "summary.json").read_text())["world_size"] == 2
