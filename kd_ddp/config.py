@@ -37,6 +37,7 @@ class DataConfig:
     num_workers: int = 0  # FFCV decode threads; 0 = the cores this rank owns
     crop_padding: int = 4  # random-crop padding in pixels (0 = no crop)
     flip: bool = True
+    skip_bad_images: bool = False  # skip unreadable image files (counted in the log) instead of stopping
     # Synthetic source only: learnable class templates plus noise, made on the fly.
     synthetic_train: int = 1024
     synthetic_test: int = 512
@@ -89,6 +90,8 @@ class TrainConfig:
     compile: bool = False
     threads: int = 0  # torch threads per rank; 0 = cores / ranks on this node
     eval_batch_size: int = 1024
+    # Steps whose loss is NaN/inf are skipped (no update) up to this many per stage; 0 = stop at the first.
+    nonfinite_skip_limit: int = 0
 
 
 @dataclass
@@ -387,6 +390,7 @@ def validate(cfg: Config) -> None:
          f"data.root is empty: data.source={cfg.data.source} needs a path")
     need(cfg.train.threads >= 0, "train.threads must be >= 0")
     need(cfg.train.eval_batch_size >= 1, "train.eval_batch_size must be >= 1")
+    need(cfg.train.nonfinite_skip_limit >= 0, "train.nonfinite_skip_limit must be >= 0")
     need(bool(cfg.run.dir), "run.dir must not be empty")
     problems += _slurm_problems(cfg)
     if problems:

@@ -8,6 +8,7 @@ Sources: `synthetic` (made on the fly), `imagefolder` (root/train/<class>/*, roo
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import pickle
 import shutil
@@ -20,6 +21,8 @@ import numpy as np
 from PIL import Image
 
 from kd_ddp.config import Config, ConfigError
+
+log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 
@@ -67,8 +70,9 @@ def synthetic(cfg: Config) -> RawDataset:
 # -- ImageFolder ----------------------------------------------------------------------
 
 
-def _load_image(args: tuple[str, int]) -> np.ndarray:
-    path, size = args
+def _load_image(args: tuple[str, int, bool]) -> np.ndarray | None:
+    """The image as (size, size, 3) uint8; None for an unreadable file when skipping them."""
+    path, size, skip_bad = args
     try:
         with Image.open(path) as im:
             im = im.convert("RGB")
@@ -76,7 +80,9 @@ def _load_image(args: tuple[str, int]) -> np.ndarray:
                 im = im.resize((size, size), Image.Resampling.BILINEAR)
             return np.asarray(im, dtype=np.uint8)
     except Exception as e:  # PIL raises many types for corrupt files
-        raise DataError(f"cannot read image {path}: {e}") from None
+        if skip_bad:
+            return None
+        raise DataError(f"cannot read image {path}: {e} (data.skip_bad_images=true skips such files)") from None
 
 
 def _list_split(root: Path) -> tuple[list[str], list[tuple[str, int]]]:
@@ -95,7 +101,7 @@ def _list_split(root: Path) -> tuple[list[str], list[tuple[str, int]]]:
     return classes, items
 
 
-def imagefolder(root: Path, image_size: int, workers: int) -> RawDataset:
+def imagefolder(root: Path, image_size: int, workers: int, skip_bad: bool = False) -> RawDataset:
     root = Path(root)
     if not root.exists():
         raise DataError(f"data.root {root} does not exist")
@@ -109,9 +115,14 @@ def imagefolder(root: Path, image_size: int, workers: int) -> RawDataset:
     splits = []
     with ProcessPoolExecutor(max_workers=max(1, workers)) as pool:
         for items in (train_items, test_items):
-            arrays = list(pool.map(_load_image, [(p, image_size) for p, _ in items], chunksize=256))
-            labels = np.array([label for _, label in items], dtype=np.int64)
-            splits.append(Split(np.stack(arrays), labels))
+            arrays = list(pool.map(_load_image, [(p, image_size, skip_bad) for p, _ in items], chunksize=256))
+            bad = [p for (p, _), a in zip(items, arrays) if a is None]
+            if bad:
+                log.warning("skipped %d unreadable image(s), e.g. %s", len(bad), ", ".join(bad[:3]))
+            kept = [(a, label) for a, (_, label) in zip(arrays, items) if a is not None]
+            if not kept:
+                raise DataError(f"no readable images under {root}")
+            splits.append(Split(np.stack([a for a, _ in kept]), np.array([lab for _, lab in kept], dtype=np.int64)))
     return RawDataset(splits[0], splits[1], train_classes)
 
 
@@ -194,9 +205,9 @@ def read_source(cfg: Config, workers: int) -> RawDataset:
     if d.source == "synthetic":
         return synthetic(cfg)
     if d.source == "imagefolder":
-        return imagefolder(Path(d.root), d.image_size, workers)
+        return imagefolder(Path(d.root), d.image_size, workers, d.skip_bad_images)
     if d.source == "cifar-batches":
         return cifar_batches(Path(d.root), d.image_size)
     if d.source == "archive":
-        return imagefolder(extract_archive(Path(d.root), cfg.cache_dir), d.image_size, workers)
+        return imagefolder(extract_archive(Path(d.root), cfg.cache_dir), d.image_size, workers, d.skip_bad_images)
     raise ConfigError(f"unknown data.source {d.source!r}")

@@ -285,6 +285,7 @@ def train_stage(cfg: Config, env: DistEnv, data: PreparedData, stage: str) -> di
     show_bar = env.is_main and cfg.tracking.progress and sys.stderr.isatty()
     stage_start = time.perf_counter()
     stop = StopRequest()
+    skipped = 0  # steps skipped for a non-finite loss
     for epoch in range(start_epoch, epochs):
         net.train()
         view = epoch % cfg.kd.views if stage == "student-kd" else epoch
@@ -308,6 +309,22 @@ def train_stage(cfg: Config, env: DistEnv, data: PreparedData, stage: str) -> di
                 assert teacher_fn is not None
                 loss = losses.kd_loss(logits, teacher_fn(images, idx, view), labels,
                                       cfg.kd.alpha, cfg.kd.temperature)
+            # One host sync per step: nothing next to these models' CPU steps; on a GPU it costs
+            # the launch overlap of one step, the price of naming the step that went bad.
+            bad = float(not torch.isfinite(loss.detach()).item())
+            if all_reduce_sum([bad], env)[0] > 0:  # all ranks skip together, or DDP would hang
+                skipped += 1
+                where = (f"{stage}: non-finite loss at epoch {epoch + 1} step {step + 1} (batch of samples "
+                         f"{idx[:5].tolist()}...)")
+                if skipped > cfg.train.nonfinite_skip_limit:
+                    raise NonFiniteLoss(f"{where}; stopped (train.nonfinite_skip_limit="
+                                        f"{cfg.train.nonfinite_skip_limit}); the last good checkpoint is kept in "
+                                        f"{ckpt_path}")
+                log.warning("%s: step skipped (%d of at most %d)", where, skipped, cfg.train.nonfinite_skip_limit)
+                optimizer.zero_grad(set_to_none=True)
+                scheduler.step()  # keep the schedule aligned with the step count
+                bar.update()
+                continue
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)

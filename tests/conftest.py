@@ -40,3 +40,11 @@ def smoke_run(cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
     run_dir = tmp_path_factory.mktemp("smoke-run")
     run_cli(["pipeline", "--preset", "smoke", f"run.dir={run_dir}", f"data.cache_dir={cache_dir}"])
     return run_dir
+
+
+@pytest.fixture(scope="session")
+def smoke_run_ddp(cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished smoke pipeline run by `torchrun --nproc_per_node=2`."""
+    run_dir = tmp_path_factory.mktemp("smoke-ddp")
+    run_cli(["pipeline", "--preset", "smoke", f"run.dir={run_dir}", f"data.cache_dir={cache_dir}"], torchrun=2)
+    return run_dir

@@ -167,3 +167,11 @@ def test_epoch_order_is_the_same_global_batches_for_any_world_size() -> None:
 def test_eval_shards_cover_every_sample_once() -> None:
     shards = [eval_indices(103, r, 4) for r in range(4)]
     assert sorted(np.concatenate(shards).tolist()) == list(range(103))
+
+
+def test_unreadable_images_can_be_skipped_with_a_count(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    write_imagefolder(tmp_path, ["a", "b"], 3, 8, "RGB")
+    (tmp_path / "train" / "a" / "0001.png").write_bytes(b"not a png")
+    raw = imagefolder(tmp_path, 8, 1, skip_bad=True)
+    assert len(raw.train.labels) == 5 and raw.train.labels.tolist() == [0, 0, 1, 1, 1]
+    assert "skipped 1 unreadable image(s)" in caplog.text and "0001.png" in caplog.text

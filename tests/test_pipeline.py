@@ -48,13 +48,6 @@ def test_rerun_is_idempotent(smoke_run: Path, cache_dir: Path) -> None:
     assert before == after
 
 
-@pytest.fixture(scope="session")
-def smoke_run_ddp(cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    run_dir = tmp_path_factory.mktemp("smoke-ddp")
-    run_cli(["pipeline", "--preset", "smoke", f"run.dir={run_dir}", f"data.cache_dir={cache_dir}"], torchrun=2)
-    return run_dir
-
-
 def test_two_process_torchrun_pipeline(smoke_run_ddp: Path) -> None:
     res = _results(smoke_run_ddp)
     assert res["teacher"]["test_acc"] > 0.5
@@ -147,3 +140,11 @@ def test_second_pipeline_on_a_busy_run_dir_is_refused(tmp_path: Path, cache_dir:
     assert proc.returncode == 2
     assert f"run dir {tmp_path} is in use by pid" in proc.stderr
     assert not (tmp_path / "teacher").exists()
+
+
+def test_nonfinite_loss_stops_naming_the_step(tmp_path: Path, cache_dir: Path) -> None:
+    proc = run_cli(["train-teacher", "--preset", "smoke", f"run.dir={tmp_path}", f"data.cache_dir={cache_dir}",
+                    "optim.lr=1e30", "optim.warmup_epochs=0", "tracking.wandb.mode=disabled"], check=False)
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    assert "non-finite loss at epoch 1 step" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "teacher" / "summary.json").exists()
