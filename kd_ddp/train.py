@@ -348,7 +348,8 @@ def train_stage(cfg: Config, env: DistEnv, data: PreparedData, stage: str) -> di
         test_loss, test_acc = evaluate(model, test_loader, env, mean, std, cfg, dtype)
         record = {
             "epoch": epoch + 1,
-            "train_loss": train_loss_sum / train_seen,
+            # every step of the epoch skipped for a non-finite loss: no mean, the check below stops
+            "train_loss": train_loss_sum / train_seen if train_seen else math.nan,
             "test_loss": test_loss,
             "test_acc": test_acc,
             "lr": lr,
