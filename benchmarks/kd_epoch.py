@@ -66,12 +66,12 @@ def run(preset: str, overrides: list[str], work: Path, repeats: int = 2, epochs:
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
-    out = ["| teacher | views | normal epoch (s) | cached-KD epoch (s) | live-KD epoch (s) | cached/normal "
+    out = ["| preset: teacher | views | normal epoch (s) | cached-KD epoch (s) | live-KD epoch (s) | cached/normal "
            "(target <= 1.15) | live/cached (target >= 8) | cache build (s) | cache size |",
            "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         e = r["epoch_s"]
-        out.append(f"| {r['teacher']} w{r['teacher_width']} | {r['views']} | {e['normal']:.1f} | "
+        out.append(f"| {r['preset']}: {r['teacher']} w{r['teacher_width']} | {r['views']} | {e['normal']:.1f} | "
                    f"{e['kd_cached']:.1f} | {e['kd_live']:.1f} | {r['cached_over_normal']:.2f}x | "
                    f"{r['live_over_cached']:.2f}x | {r['cache_build_s']:.1f} | {r['cache_bytes'] / 1e6:.1f} MB |")
     return "\n".join(out)

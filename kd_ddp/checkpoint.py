@@ -2,24 +2,43 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
 
+class NoSpaceError(RuntimeError):
+    """The disk filled up while writing an output: printed as a message, never as a traceback."""
+
+
+def no_space(path: Path, needed: int | None = None) -> NoSpaceError:
+    free = shutil.disk_usage(path.parent if path.parent.exists() else ".").free
+    need = f"{needed / 1e6:.1f} MB needed, " if needed is not None else ""
+    return NoSpaceError(f"no space left on device to write {path} ({need}{free / 1e6:.1f} MB free); "
+                        f"free some space or point run.dir / data.cache_dir at a larger filesystem")
+
+
 def atomic_write_bytes(path: Path, payload: bytes) -> None:
     """temp file in the same directory, fsync, rename: the old or the new file, never half."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(payload)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "wb") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        if e.errno == errno.ENOSPC:
+            raise no_space(path, len(payload)) from None
+        raise
     os.replace(tmp, path)
 
 
@@ -52,3 +71,20 @@ def weights_hash(state_dict: dict[str, torch.Tensor]) -> str:
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def reserve_space(path: Path) -> None:
+    """Allocate every block of an existing (sparse) file now. Writing through a memory map
+    into a sparse file on a full disk kills the process with SIGBUS mid-way; reserving the
+    blocks up front turns that into an ENOSPC here, before any work is done."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        size = os.fstat(fd).st_size
+        os.posix_fallocate(fd, 0, size)
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        path.unlink(missing_ok=True)
+        raise no_space(path, size) from None
+    finally:
+        os.close(fd)

@@ -8,6 +8,7 @@ The same command runs in one process or under torchrun (`torchrun --standalone
 from __future__ import annotations
 
 import argparse
+import errno
 import fcntl
 import logging
 import os
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from kd_ddp import distributed, tracking
-from kd_ddp.checkpoint import CheckpointError, atomic_write_json
+from kd_ddp.checkpoint import CheckpointError, NoSpaceError, atomic_write_json
 from kd_ddp.config import Config, ConfigError, load_config
 from kd_ddp.data import prepare_data
 from kd_ddp.sources import DataError
@@ -74,7 +75,7 @@ def lock_run_dir(run_dir: Path, name: str = "") -> IO[str]:
     return f
 
 
-USER_ERRORS = (ConfigError, DataError, CacheError, CheckpointError, FileNotFoundError, RunDirBusy)
+USER_ERRORS = (ConfigError, DataError, CacheError, CheckpointError, NoSpaceError, FileNotFoundError, RunDirBusy)
 
 
 def lock_names(stage: str, mode: str) -> list[str]:
@@ -172,4 +173,11 @@ def main(argv: list[str] | None = None) -> int:
         return 143  # the shell's code for SIGTERM: schedulers and torchrun treat it as killed
     except KeyboardInterrupt:
         return 130
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        # a write not routed through checkpoint.py (numpy, FFCV's writer) hit a full disk
+        print(f"kd-ddp: error: no space left on device ({e}); free some space or point run.dir / "
+              f"data.cache_dir at a larger filesystem", file=sys.stderr)
+        return 2
     return 0

@@ -104,10 +104,14 @@ def file_lock(path: Path) -> Iterator[None]:
 
 def _atomic_npy(path: Path, array: np.ndarray) -> None:
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        np.save(f, array)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "wb") as f:
+            np.save(f, array)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk must not leave half a file behind
+        raise
     os.replace(tmp, path)
 
 
@@ -129,7 +133,11 @@ def _write_beton(path: Path, split: Split, workers: int) -> None:
         "label": IntField(),
         "index": IntField(),  # FFCV has no built-in sample index; the cache and resume need it
     }
-    DatasetWriter(str(tmp), fields, num_workers=workers).from_indexed_dataset(_Indexed())
+    try:
+        DatasetWriter(str(tmp), fields, num_workers=workers).from_indexed_dataset(_Indexed())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
 
 

@@ -13,7 +13,10 @@ Two optional layouts under the run dir are picked up when present:
 - KD sweep: `<run_dir>/sweep/<name>/student-kd/summary.json`, whose `kd` holds the
   `alpha` and `temperature` it was trained with. With >= 2 distinct (alpha, T) settings
   the report adds a sweep table and an alpha x temperature heat map of the final test
-  accuracy (`kd_sweep.png`; repeated settings are averaged).
+  accuracy (`kd_sweep.png`; repeated settings are averaged), with the config's own
+  (alpha, T) outlined.
+- Variants: `<run_dir>/variants/<name>/student-kd/summary.json`, KD students trained another
+  way with the same teacher (e.g. `kd.teacher=live`), listed in a table of their own.
 
 Members of both layouts share the run dir's W&B group (kd_ddp/tracking.py). When W&B
 tracking is on, the PNGs are also logged to a `report` run of that group.
@@ -32,6 +35,7 @@ import numpy as np
 
 matplotlib.use("Agg")  # headless: no display on cluster nodes or CI
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.patches import Rectangle  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from kd_ddp import tracking  # noqa: E402
@@ -41,7 +45,7 @@ from kd_ddp.config import Config  # noqa: E402
 log = logging.getLogger(__name__)
 
 RUNS = {"teacher": "teacher", "student_normal": "student-normal", "student_kd": "student-kd"}
-SEEDS_DIR, SWEEP_DIR = "seeds", "sweep"
+SEEDS_DIR, SWEEP_DIR, VARIANTS_DIR = "seeds", "sweep", "variants"
 LABELS = {"teacher": "Teacher (CE)", "student_normal": "Student (MSE, normal)", "student_kd": "Student (KD)"}
 
 
@@ -84,27 +88,54 @@ def plot_curves(runs: dict[str, dict[str, Any]], metric: str, ylabel: str, path:
     _save_fig(fig, path)
 
 
-def plot_bars(accs: dict[str, float], path: Path) -> None:
+def plot_bars(accs: dict[str, float], path: Path, errors: dict[str, float] | None = None, n: int = 1) -> None:
+    """Final test accuracy per run; with `errors` (std over n seeds) the bars are means with error bars."""
     fig, ax = plt.subplots(figsize=(6, 4))
     keys = list(accs)
-    bars = ax.bar([LABELS[k] for k in keys], [accs[k] for k in keys], color=["#4c72b0", "#dd8452", "#55a868"])
+    yerr = [errors[k] for k in keys] if errors else None
+    bars = ax.bar([LABELS[k] for k in keys], [accs[k] for k in keys], yerr=yerr, capsize=6,
+                  color=["#4c72b0", "#dd8452", "#55a868"])
     for b, k in zip(bars, keys):
-        ax.text(b.get_x() + b.get_width() / 2, b.get_height(), f"{accs[k]:.3f}", ha="center", va="bottom")
+        text = f"{accs[k]:.3f}" + (f" ± {errors[k]:.3f}" if errors else "")
+        ax.text(b.get_x() + b.get_width() / 2, b.get_height() / 2, text, ha="center", va="center", color="white")
     ax.set_ylabel("test accuracy")
     ax.set_ylim(0, 1)
-    ax.set_title("Final test accuracy")
+    ax.set_title(f"Final test accuracy, mean ± std over {n} seeds" if errors else "Final test accuracy")
     _save_fig(fig, path)
 
 
+def _stats(values: list[float]) -> dict[str, Any]:
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values), "n": len(values), "values": values}
+
+
 def collect_seeds(run_dir: Path) -> dict[str, dict[str, Any]]:
-    """Mean +- std of the final test accuracy per run, over the run dir and its seed dirs."""
+    """Mean +- std of the final test accuracy per run, over the run dir and its seed dirs,
+    with the mean training time of each run and the KD-minus-normal gap of each seed dir."""
     dirs = [run_dir, *sorted(d for d in (run_dir / SEEDS_DIR).glob("*") if d.is_dir())]
     samples: dict[str, list[float]] = {}
+    times: dict[str, list[float]] = {}
+    gaps: list[float] = []
     for d in dirs:
-        for key, r in collect(d).items():
+        runs = collect(d)
+        for key, r in runs.items():
             samples.setdefault(key, []).append(r["summary"]["test_acc"])
-    return {k: {"mean": statistics.fmean(v), "std": statistics.stdev(v), "n": len(v), "values": v}
-            for k, v in samples.items() if len(v) >= 2}
+            times.setdefault(key, []).append(r["summary"]["train_time_s"])
+        if "student_kd" in runs and "student_normal" in runs:
+            gaps.append(runs["student_kd"]["summary"]["test_acc"] - runs["student_normal"]["summary"]["test_acc"])
+    stats = {k: _stats(v) | {"train_time_s": statistics.fmean(times[k])} for k, v in samples.items() if len(v) >= 2}
+    if len(gaps) >= 2:
+        stats["kd_minus_normal"] = _stats(gaps)
+    return stats
+
+
+def collect_variants(run_dir: Path) -> list[dict[str, Any]]:
+    """One entry per finished KD student under `<run_dir>/variants/`, in name order."""
+    entries = []
+    for path in sorted((run_dir / VARIANTS_DIR).glob("*/student-kd/summary.json")):
+        s = json.loads(path.read_text())
+        entries.append({"name": path.parents[1].name, **(s.get("kd") or {}), "test_acc": s["test_acc"],
+                        "test_loss": s["test_loss"], "epochs": s["epochs"], "train_time_s": s["train_time_s"]})
+    return entries
 
 
 def collect_sweep(run_dir: Path) -> list[dict[str, Any]]:
@@ -119,8 +150,9 @@ def collect_sweep(run_dir: Path) -> list[dict[str, Any]]:
     return entries
 
 
-def plot_sweep(entries: list[dict[str, Any]], path: Path) -> None:
-    """alpha x temperature heat map of the final KD test accuracy; blank where not run."""
+def plot_sweep(entries: list[dict[str, Any]], path: Path, default: tuple[float, float] | None = None) -> None:
+    """alpha x temperature heat map of the final KD test accuracy; blank where not run; the
+    `default` (alpha, T) cell outlined."""
     alphas = sorted({e["alpha"] for e in entries})
     temps = sorted({e["temperature"] for e in entries})
     cells: dict[tuple[float, float], list[float]] = {}
@@ -136,6 +168,11 @@ def plot_sweep(entries: list[dict[str, Any]], path: Path) -> None:
             # dark text on the bright end of viridis, white on the dark end
             ax.text(j, i, f"{v:.3f}", ha="center", va="center", fontsize=9,
                     color="black" if im.norm(v) > 0.6 else "white")
+    if default is not None and default[0] in alphas and default[1] in temps:
+        i, j = alphas.index(default[0]), temps.index(default[1])
+        ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2.5))
+        ax.plot([], [], color="red", linewidth=2.5, label=f"default (alpha={default[0]:g}, T={default[1]:g})")
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.18), frameon=False)
     ax.set_xticks(range(len(temps)), [f"{t:g}" for t in temps])
     ax.set_yticks(range(len(alphas)), [f"{a:g}" for a in alphas])
     ax.set_xlabel("temperature T")
@@ -157,11 +194,26 @@ def accuracy_table(results: dict[str, Any]) -> list[str]:
     if "kd_minus_normal" in results:
         lines += ["", f"KD minus normal student: {results['kd_minus_normal']:+.4f}"]
     if results.get("seeds"):
-        lines += ["", "Across seeds (final test accuracy):", "", "| run | mean +- std | n |", "|---|---|---|"]
+        lines += ["", "Across seeds (final test accuracy):", "",
+                  "| run | mean +- std | n | train time (s), mean |", "|---|---|---|---|"]
         for key in RUNS:
             if key in results["seeds"]:
                 st = results["seeds"][key]
-                lines.append(f"| {LABELS[key]} | {st['mean']:.4f} +- {st['std']:.4f} | {st['n']} |")
+                lines.append(f"| {LABELS[key]} | {st['mean']:.4f} +- {st['std']:.4f} | {st['n']} | "
+                             f"{st['train_time_s']:.0f} |")
+        if "kd_minus_normal" in results["seeds"]:
+            st = results["seeds"]["kd_minus_normal"]
+            lines.append(f"| KD minus normal student | {st['mean']:+.4f} +- {st['std']:.4f} | {st['n']} | |")
+    return lines
+
+
+def variants_table(entries: list[dict[str, Any]]) -> list[str]:
+    lines = ["| variant | teacher logits | alpha | T | epochs | test accuracy | train time (s) |",
+             "|---|---|---|---|---|---|---|"]
+    for e in entries:
+        lines.append(f"| {e['name']} | {e.get('teacher', '?')} | {e.get('alpha', float('nan')):g} | "
+                     f"{e.get('temperature', float('nan')):g} | {e['epochs']} | {e['test_acc']:.4f} | "
+                     f"{e['train_time_s']:.0f} |")
     return lines
 
 
@@ -191,18 +243,23 @@ def _results(cfg: Config, runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return results
 
 
-def _plots(runs: dict[str, dict[str, Any]], results: dict[str, Any], out: Path) -> dict[str, Path]:
+def _plots(cfg: Config, runs: dict[str, dict[str, Any]], results: dict[str, Any], out: Path) -> dict[str, Path]:
     """Write the PNGs; {name: path} of those written, in report order."""
     written: dict[str, Path] = {}
     if runs:
         for metric, ylabel in (("test_acc", "test accuracy"), ("train_loss", "train loss")):
             plot_curves(runs, metric, ylabel, out / f"{metric}.png")
             written[metric] = out / f"{metric}.png"
-        plot_bars({k: v["test_acc"] for k, v in results.items() if k in RUNS}, out / "final_accuracy.png")
+        seeds = results.get("seeds", {})
+        if all(k in seeds for k in runs):
+            plot_bars({k: seeds[k]["mean"] for k in runs}, out / "final_accuracy.png",
+                      errors={k: seeds[k]["std"] for k in runs}, n=min(seeds[k]["n"] for k in runs))
+        else:
+            plot_bars({k: v["test_acc"] for k, v in results.items() if k in RUNS}, out / "final_accuracy.png")
         written["final_accuracy"] = out / "final_accuracy.png"
     sweep = results.get("sweep", [])
     if len({(e["alpha"], e["temperature"]) for e in sweep}) >= 2:
-        plot_sweep(sweep, out / "kd_sweep.png")
+        plot_sweep(sweep, out / "kd_sweep.png", default=(cfg.kd.alpha, cfg.kd.temperature))
         written["kd_sweep"] = out / "kd_sweep.png"
     return written
 
@@ -218,15 +275,25 @@ def build_report(cfg: Config) -> dict[str, Any]:
     results = _results(cfg, runs)
     results["seeds"] = collect_seeds(run_dir)
     results["sweep"] = collect_sweep(run_dir)
+    results["variants"] = collect_variants(run_dir)
+    results["machines"] = sorted({r["summary"]["machine"] for r in runs.values() if r["summary"].get("machine")})
     if not runs and not results["sweep"]:
         raise FileNotFoundError(f"no finished runs under {run_dir}: train them first")
 
     out.mkdir(parents=True, exist_ok=True)
-    images = _plots(runs, results, out)
+    images = _plots(cfg, runs, results, out)
     lines = [f"# Knowledge distillation on {cfg.data.source} data: comparison", "",
              f"Preset `{cfg.preset}`, seed {cfg.seed}, KD alpha={cfg.kd.alpha}, T={cfg.kd.temperature}, "
              f"teacher logits {cfg.kd.teacher}.", ""]
     lines += accuracy_table(results) + [""]
+    if results["machines"]:
+        lines += [f"Machine: {'; '.join(results['machines'])}.", ""]
+    cache = results.get("teacher_logits_cache")
+    if cache:
+        lines += [f"Teacher-logits cache: {' x '.join(map(str, cache['shape']))} (views x samples x classes), "
+                  f"{cache['size_bytes'] / 1e6:.1f} MB, built in {cache['build_time_s']:.0f} s.", ""]
+    if results["variants"]:
+        lines += ["## KD variants (same teacher)", ""] + variants_table(results["variants"]) + [""]
     if results["sweep"]:
         lines += ["## KD sweep", ""] + sweep_table(results["sweep"]) + [""]
     lines += [f"![{name.replace('_', ' ')}]({path.name})\n" for name, path in images.items()]

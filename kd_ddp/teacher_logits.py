@@ -29,10 +29,10 @@ import torch
 from torch import nn
 
 from kd_ddp.augment import augment, normalize
-from kd_ddp.checkpoint import atomic_write_json
-from kd_ddp.config import Config
+from kd_ddp.checkpoint import NoSpaceError, atomic_write_json, reserve_space
+from kd_ddp.config import Config, describe_differences
 from kd_ddp.data import EvalLoader, PreparedData
-from kd_ddp.distributed import DistEnv, barrier
+from kd_ddp.distributed import DistEnv, barrier, broadcast_object
 
 log = logging.getLogger(__name__)
 
@@ -69,17 +69,6 @@ def _file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _key_diff(want: dict[str, Any], have: dict[str, Any], prefix: str = "") -> list[str]:
-    diffs = []
-    for k in sorted(set(want) | set(have)):
-        a, b = want.get(k), have.get(k)
-        if isinstance(a, dict) and isinstance(b, dict):
-            diffs += _key_diff(a, b, f"{prefix}{k}.")
-        elif a != b:
-            diffs.append(f"{prefix}{k}: cache has {b!r}, this run needs {a!r}")
-    return diffs
-
-
 def check_cache(cfg: Config, data: PreparedData, teacher_hash: str) -> dict[str, Any]:
     """The manifest of a cache usable for this run, else CacheError saying what is wrong."""
     d = cache_dir(cfg)
@@ -90,7 +79,7 @@ def check_cache(cfg: Config, data: PreparedData, teacher_hash: str) -> dict[str,
         raise CacheError(f"no teacher-logits cache in {d}: {rebuild}") from None
     except ValueError as e:
         raise CacheError(f"the cache manifest {d / 'manifest.json'} is corrupted ({e}): {rebuild}") from None
-    diffs = _key_diff(cache_key(cfg, data, teacher_hash), manifest.get("key", {}))
+    diffs = describe_differences(cache_key(cfg, data, teacher_hash), manifest.get("key", {}), have_name="cache has")
     if diffs:
         raise CacheError(f"the teacher-logits cache in {d} was built for another setting:\n  "
                          + "\n  ".join(diffs) + f"\n{rebuild}")
@@ -140,11 +129,18 @@ def build_cache(cfg: Config, env: DistEnv, data: PreparedData, teacher: nn.Modul
     shape = (cfg.kd.views, n, classes)
     tmp = d / f".logits.npy.tmp{os.environ.get('TORCHELASTIC_RUN_ID', 'x')}"
     start = time.perf_counter()
+    error = ""
     if env.is_main:
         d.mkdir(parents=True, exist_ok=True)
         (d / "manifest.json").unlink(missing_ok=True)  # a stale manifest must not outlive its array
         np.lib.format.open_memmap(tmp, mode="w+", dtype=_NUMPY_DTYPES[cfg.kd.cache_dtype], shape=shape).flush()
-    barrier(env)
+        try:
+            reserve_space(tmp)
+        except NoSpaceError as e:
+            error = str(e)
+    error = broadcast_object(error, env)  # every rank stops, none waits at a barrier for rank 0
+    if error:
+        raise NoSpaceError(error)
     out = np.load(tmp, mmap_mode="r+")
     teacher.eval()
     mean, std = data.stats(env.device)

@@ -9,7 +9,7 @@ the same per-epoch records (epoch = W&B step) and the final summary to a W&B run
   `tracking.wandb.group`, else derived from the run dir (`group_name`), so the stages of
   one pipeline (and the members of one sweep or seed set) land together.
 - The run's config is the full resolved Config plus `system` (device, world size,
-  precision, library versions), `stage` and `run_role` (main | sweep | seed).
+  precision, library versions), `stage` and `run_role` (main | sweep | seed | variant).
 - `finish` logs the stage's checkpoint (and for the KD student the teacher-logits cache)
   as artifacts *by reference*: W&B records paths, sizes and digests, never uploads GBs.
 - `log_report` makes one more run (`job_type` "report") holding the report's PNGs.
@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 
 TRAIN_STAGES = ("teacher", "student-normal", "student-kd")
 # Sub-layouts of a run dir whose members share the parent's W&B group (see report.py).
-REPLICA_DIRS = {"sweep": "sweep", "seeds": "seed"}
+REPLICA_DIRS = {"sweep": "sweep", "seeds": "seed", "variants": "variant"}
 WANDB_SUBDIRS = {"WANDB_DATA_DIR": "data", "WANDB_CACHE_DIR": "cache", "WANDB_CONFIG_DIR": "config",
                  "WANDB_ARTIFACT_DIR": "artifacts"}
 # Bounded waits: an unreachable server must cost a stage at most this, never hang it.
@@ -65,7 +65,7 @@ def enabled(cfg: Config) -> bool:
 
 def run_role(run_dir: Path) -> tuple[str, str]:
     """("main", "") for a pipeline's own dir; ("sweep", name) for `<root>/sweep/<name>`,
-    ("seed", name) for `<root>/seeds/<name>`."""
+    ("seed", name) for `<root>/seeds/<name>`, ("variant", name) for `<root>/variants/<name>`."""
     parent = run_dir.resolve().parent
     if parent.name in REPLICA_DIRS:
         return REPLICA_DIRS[parent.name], run_dir.resolve().name
@@ -154,6 +154,25 @@ def _versions() -> dict[str, str]:
     return out
 
 
+def cpu_name() -> str:
+    """The CPU model with its logical CPU count, e.g. "AMD EPYC 7B13 (2 CPUs)"."""
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.partition(":")[2].strip()
+                break
+    except OSError:
+        pass
+    return f"{name} ({os.cpu_count()} CPUs)"
+
+
+def machine(env: DistEnv) -> str:
+    """One line naming the hardware and software a stage ran on (kept in its summary)."""
+    device = torch.cuda.get_device_name(env.device) if env.device.type == "cuda" else cpu_name()
+    return f"{device}, {env.world_size} rank(s), torch {torch.__version__}"
+
+
 def system_facts(cfg: Config, env: DistEnv) -> dict[str, Any]:
     from kd_ddp.train import amp_dtype  # lazy: train imports this module
 
@@ -162,7 +181,7 @@ def system_facts(cfg: Config, env: DistEnv) -> dict[str, Any]:
     cuda = env.device.type == "cuda"
     return {
         "device": str(env.device),
-        "device_name": torch.cuda.get_device_name(env.device) if cuda else platform.processor() or platform.machine(),
+        "device_name": torch.cuda.get_device_name(env.device) if cuda else cpu_name(),
         "world_size": env.world_size,
         "nodes": max(1, env.world_size // max(1, env.local_world_size)),
         "precision": precision,

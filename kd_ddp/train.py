@@ -29,12 +29,12 @@ from tqdm import tqdm
 from kd_ddp import losses
 from kd_ddp.augment import augment, normalize
 from kd_ddp.checkpoint import CheckpointError, atomic_write_json, load_checkpoint, save_checkpoint, weights_hash
-from kd_ddp.config import Config, fingerprint
+from kd_ddp.config import Config, describe_differences, fingerprint
 from kd_ddp.data import EvalLoader, PreparedData, TrainLoader
 from kd_ddp.distributed import DistEnv, all_reduce_sum, barrier
 from kd_ddp.models import build_model
 from kd_ddp.teacher_logits import LogitsCache, teacher_view_logits
-from kd_ddp.tracking import StageTracker, start_stage
+from kd_ddp.tracking import StageTracker, machine, start_stage
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,8 @@ class NonFiniteLoss(RuntimeError):
 
 class StopRequest:
     """SIGTERM (kill, torchrun shutting a group down, Slurm preemption) sets a flag; the loop
-    checkpoints after the current step. Ranks agree on the flag, so all stop at one step."""
+    checkpoints after the current step. The step loop sums the flag over ranks, so all stop
+    at one step."""
 
     def __init__(self) -> None:
         self.requested = False
@@ -67,11 +68,6 @@ class StopRequest:
 
     def _handle(self, signum: int, frame: object) -> None:
         self.requested = True
-
-    def agreed(self, env: DistEnv) -> bool:
-        if not env.distributed:
-            return self.requested
-        return all_reduce_sum([float(self.requested)], env)[0] > 0
 
 
 # -- precision ------------------------------------------------------------------------
@@ -237,9 +233,11 @@ def train_stage(cfg: Config, env: DistEnv, data: PreparedData, stage: str) -> di
     if ckpt_path.is_file():
         state = load_checkpoint(ckpt_path)
         if state.get("fingerprint") != fp_hash:
+            diffs = describe_differences(fp, state.get("fingerprint_fields", {}), have_name="checkpoint has")
             raise CheckpointError(
-                f"{ckpt_path} was made with another config (model, data or loss differ); "
-                f"use another run.dir or delete {out} to start this stage over")
+                f"{ckpt_path} was made with another config (model, data or loss differ):\n  "
+                + "\n  ".join(diffs or ["(a checkpoint without its fields)"])
+                + f"\nuse another run.dir, or delete {out} to start this stage over")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -276,7 +274,8 @@ def train_stage(cfg: Config, env: DistEnv, data: PreparedData, stage: str) -> di
                 "rng_cpu": torch.get_rng_state(),
                 "rng_cuda": torch.cuda.get_rng_state(env.device) if env.device.type == "cuda" else None,
                 "epoch": epochs_done - 1, "step_in_epoch": step_in_epoch, "partial": part or {},
-                "fingerprint": fp_hash, "config": cfg.to_dict(), "num_classes": data.num_classes,
+                "fingerprint": fp_hash, "fingerprint_fields": fp, "config": cfg.to_dict(),
+                "num_classes": data.num_classes,
             })
 
     tracker = start_stage(cfg, stage, env) if env.is_main else StageTracker()
@@ -309,10 +308,13 @@ def train_stage(cfg: Config, env: DistEnv, data: PreparedData, stage: str) -> di
                 assert teacher_fn is not None
                 loss = losses.kd_loss(logits, teacher_fn(images, idx, view), labels,
                                       cfg.kd.alpha, cfg.kd.temperature)
-            # One host sync per step: nothing next to these models' CPU steps; on a GPU it costs
-            # the launch overlap of one step, the price of naming the step that went bad.
-            bad = float(not torch.isfinite(loss.detach()).item())
-            if all_reduce_sum([bad], env)[0] > 0:  # all ranks skip together, or DDP would hang
+            # One host sync and one all-reduce per step carry both flags: "this rank's loss is
+            # not finite" and "this rank got SIGTERM". All ranks act on the sums, so they skip or
+            # stop at the same step (a rank going its own way would hang DDP). On a GPU the sync
+            # costs the launch overlap of one step, the price of naming the step that went bad.
+            bad, stopping = (f > 0 for f in all_reduce_sum(
+                [float(not torch.isfinite(loss.detach()).item()), float(stop.requested)], env))
+            if bad:
                 skipped += 1
                 where = (f"{stage}: non-finite loss at epoch {epoch + 1} step {step + 1} (batch of samples "
                          f"{idx[:5].tolist()}...)")
@@ -333,7 +335,7 @@ def train_stage(cfg: Config, env: DistEnv, data: PreparedData, stage: str) -> di
             loss_sum += loss.detach().double() * len(labels)
             seen += len(labels)
             bar.update()
-            if stop.agreed(env) and step + 1 < len(loader):
+            if stopping and step + 1 < len(loader):
                 # the partial sums are saved summed over ranks; on resume rank 0 alone restarts from them
                 part_loss, part_seen = all_reduce_sum([loss_sum.item(), float(seen)], env)
                 save(epoch, step + 1, {"loss_sum": part_loss, "seen": part_seen, "time_s": time.perf_counter() - t0})
@@ -381,6 +383,7 @@ def train_stage(cfg: Config, env: DistEnv, data: PreparedData, stage: str) -> di
         "images_per_s": round(sum(r["images_per_s"] for r in history) / len(history), 1),
         "world_size": env.world_size,
         "device": str(env.device),
+        "machine": machine(env),
         "amp": str(dtype).replace("torch.", "") if dtype else "off",
         "weights_hash": weights_hash(model.state_dict()),
         "fingerprint": fp_hash,

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -26,6 +28,17 @@ def run_cli(args: list[str], *, torchrun: int = 0, env: dict[str, str] | None = 
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr[-6000:]}")
     return proc
+
+
+def fake_stage(run_dir: Path, stage: str, acc: float, kd: dict[str, Any] | None = None, **summary: Any) -> None:
+    """A finished stage as train.py leaves it: metrics.jsonl and summary.json."""
+    d = run_dir / stage
+    d.mkdir(parents=True)
+    metrics = [{"epoch": e, "train_loss": 2.0 / e, "test_loss": 2.2 / e, "test_acc": acc * e / 2} for e in (1, 2)]
+    (d / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
+    summary = {"stage": stage, "test_acc": acc, "test_loss": 1.1, "epochs": 2, "train_time_s": 3.0,
+               "images_per_s": 100.0} | ({"kd": kd} if kd else {}) | summary
+    (d / "summary.json").write_text(json.dumps(summary))
 
 
 @pytest.fixture(scope="session")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import REPO
+from tests.conftest import REPO, run_cli
 
 # Enough steps per epoch that a signal lands mid-epoch: 3 epochs x 48 steps.
 LONG = ["--preset", "smoke", "data.synthetic_train=3072", "optim.batch_size=64", "optim.epochs=3",
@@ -133,3 +134,28 @@ def test_torchrun_restarts_a_killed_worker_and_finishes(tmp_path: Path, cache_di
     assert proc.returncode == 0, err[-3000:]
     assert "resuming at epoch" in err
     _assert_same_run(tmp_path, reference[2])
+
+
+def test_checkpoint_of_another_model_is_refused_naming_the_difference(tmp_path: Path, cache_dir: Path) -> None:
+    args = ["train-student", "--mode", "normal", "--preset", "smoke", f"run.dir={tmp_path}",
+            f"data.cache_dir={cache_dir}", "optim.epochs=1", "tracking.wandb.mode=disabled"]
+    run_cli(args)
+    proc = run_cli([*args, "model.student_width=8"], check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "student-normal/checkpoint.pt was made with another config" in proc.stderr
+    assert "model: checkpoint has ['student_cnn', 4, 16, 0.25], this run needs ['student_cnn', 8, 16, 0.25]" \
+        in proc.stderr
+    assert len(_metrics_of(tmp_path / "student-normal")) == 1  # the finished run is left as it was
+
+
+def test_teacher_checkpoint_of_another_size_is_refused(smoke_run: Path, tmp_path: Path, cache_dir: Path) -> None:
+    shutil.copytree(smoke_run / "teacher", tmp_path / "teacher")
+    proc = run_cli(["cache-logits", "--preset", "smoke", f"run.dir={tmp_path}", f"data.cache_dir={cache_dir}",
+                    "model.teacher_width=16", "tracking.wandb.mode=disabled"], check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "does not hold a teacher_cnn of this config's size" in proc.stderr
+    assert not (tmp_path / "teacher-logits" / "logits.npy").exists()
+
+
+def _metrics_of(stage_dir: Path) -> list[dict]:
+    return [json.loads(x) for x in (stage_dir / "metrics.jsonl").read_text().splitlines()]

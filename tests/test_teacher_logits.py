@@ -109,3 +109,24 @@ def test_kd_student_refuses_a_bad_cache_and_pipeline_rebuilds_it(cache_copy: Pat
     assert "rebuilding the teacher-logits cache" in proc.stderr
     cfg = load_config("smoke")
     assert json.loads((cache_copy / "report" / "results.json").read_text())["student_kd"]["epochs"] == cfg.optim.epochs
+
+
+def test_cache_on_a_full_disk_fails_clearly_and_leaves_nothing(cache_copy: Path, cache_dir: Path) -> None:
+    """A real full filesystem: a 16 KiB tmpfs mounted where the cache goes (needs root)."""
+    target = cache_copy / "teacher-logits"
+    shutil.rmtree(target)
+    target.mkdir()
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", str(target)],
+                           capture_output=True, text=True)
+    if mount.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mount.stderr.strip()}")
+    try:
+        proc = run_cli(["cache-logits", "--preset", "smoke", f"run.dir={cache_copy}", f"data.cache_dir={cache_dir}",
+                        "tracking.wandb.mode=disabled"], check=False)
+        left = sorted(p.name for p in target.iterdir())
+    finally:
+        subprocess.run(["umount", str(target)], check=True)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert f"no space left on device to write {target}" in proc.stderr
+    assert "MB needed" in proc.stderr
+    assert left == []  # no half-written array, no manifest

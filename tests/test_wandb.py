@@ -18,6 +18,7 @@ import pytest
 
 from kd_ddp.config import load_config
 from kd_ddp.tracking import TRAIN_STAGES, group_name
+from tests.conftest import fake_stage
 
 REPO = Path(__file__).resolve().parents[1]
 CLOSED = "http://127.0.0.1:9"  # the discard port: nothing listens, a connect fails at once
@@ -110,17 +111,6 @@ def test_pipeline_writes_nothing_outside_the_run_dir(pipeline: dict[str, Any]) -
     assert not list(pipeline["cwd"].iterdir())
     assert wandb_files(root / "home") == [] and wandb_files(root / "tmp") == []
     assert (pipeline["run_dir"] / "wandb" / "cache").is_dir()  # WANDB_CACHE_DIR went there
-
-
-def fake_stage(run_dir: Path, stage: str, acc: float, kd: dict[str, float] | None = None) -> None:
-    """A finished stage as train.py leaves it: metrics.jsonl and summary.json."""
-    d = run_dir / stage
-    d.mkdir(parents=True)
-    metrics = [{"epoch": e, "train_loss": 2.0 / e, "test_loss": 2.2 / e, "test_acc": acc * e / 2} for e in (1, 2)]
-    (d / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
-    summary = {"stage": stage, "test_acc": acc, "test_loss": 1.1, "epochs": 2, "train_time_s": 3.0,
-               "images_per_s": 100.0} | ({"kd": kd} if kd else {})
-    (d / "summary.json").write_text(json.dumps(summary))
 
 
 def test_wandb_report_spec_offline(tmp_path: Path) -> None:

@@ -1,0 +1,70 @@
+"""The local report: statistics over seeds, the KD gap, variants and the sweep heat map."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from kd_ddp.config import load_config
+from kd_ddp.report import build_report
+from tests.conftest import fake_stage
+
+NORMAL = (0.50, 0.52, 0.51)
+KD = (0.60, 0.63, 0.60)  # gaps 0.10, 0.11, 0.09: mean 0.10, std 0.01
+
+
+@pytest.fixture()
+def report(tmp_path: Path) -> tuple[Path, dict]:
+    run_dir = tmp_path / "results"
+    for i, base in enumerate((run_dir, run_dir / "seeds" / "1", run_dir / "seeds" / "2")):
+        fake_stage(base, "teacher", 0.86 + 0.01 * i, machine="Test CPU (2 CPUs), 1 rank(s), torch 0")
+        fake_stage(base, "student-normal", NORMAL[i], train_time_s=100.0 + i)
+        fake_stage(base, "student-kd", KD[i], {"alpha": 0.5, "temperature": 4.0, "teacher": "cached"})
+    fake_stage(run_dir / "variants" / "live-teacher", "student-kd", 0.605,
+               {"alpha": 0.5, "temperature": 4.0, "teacher": "live"}, train_time_s=400.0)
+    for alpha in (0.1, 0.5, 0.9):
+        for temp in (2.0, 4.0):
+            fake_stage(run_dir / "sweep" / f"a{alpha}-t{temp}", "student-kd", 0.5 + alpha / 10 + temp / 100,
+                       {"alpha": alpha, "temperature": temp})
+    cfg = load_config("smoke", [f"run.dir={run_dir}", "tracking.wandb.mode=disabled"])
+    return run_dir / "report", build_report(cfg)
+
+
+def test_seed_statistics_and_the_kd_gap(report: tuple[Path, dict]) -> None:
+    out, results = report
+    seeds = results["seeds"]
+    assert seeds["student_normal"]["mean"] == pytest.approx(0.51) and seeds["student_normal"]["n"] == 3
+    assert seeds["student_normal"]["train_time_s"] == pytest.approx(101.0)
+    assert seeds["kd_minus_normal"]["mean"] == pytest.approx(0.10)
+    assert seeds["kd_minus_normal"]["std"] == pytest.approx(0.01)
+    md = (out / "report.md").read_text()
+    assert "| Student (MSE, normal) | 0.5100 +- 0.0100 | 3 | 101 |" in md
+    assert "| KD minus normal student | +0.1000 +- 0.0100 | 3 | |" in md
+    assert "Machine: Test CPU (2 CPUs), 1 rank(s), torch 0." in md
+    assert json.loads((out / "results.json").read_text())["seeds"] == seeds
+
+
+def test_variants_and_sweep_are_reported(report: tuple[Path, dict]) -> None:
+    out, results = report
+    assert [(v["name"], v["teacher"], v["test_acc"]) for v in results["variants"]] == [("live-teacher", "live", 0.605)]
+    md = (out / "report.md").read_text()
+    assert "| live-teacher | live | 0.5 | 4 | 2 | 0.6050 | 400 |" in md
+    assert len(results["sweep"]) == 6 and "## KD sweep" in md
+    for png in ("final_accuracy.png", "kd_sweep.png", "test_acc.png"):
+        with Image.open(out / png) as im:
+            assert im.size[0] > 300 and im.size[1] > 200
+
+
+def test_default_cell_is_outlined_on_the_heat_map(tmp_path: Path, report: tuple[Path, dict]) -> None:
+    """The heat map with the default (0.5, 4) in the grid differs from one whose default is not in it."""
+    out, _ = report
+    with_mark = Image.open(out / "kd_sweep.png").convert("RGB")
+    cfg = load_config("smoke", [f"run.dir={out.parent}", "tracking.wandb.mode=disabled", "kd.alpha=0.3"])
+    build_report(cfg)
+    without = Image.open(out / "kd_sweep.png").convert("RGB")
+    red = lambda im: int(np.all(np.asarray(im).astype(int) * [1, -1, -1] > [200, -60, -60], axis=-1).sum())
+    assert red(with_mark) > 100 and red(without) == 0
