@@ -18,10 +18,10 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import ddp, kd_epoch, loader, train_step
+from benchmarks import ddp, kd_epoch, loader, pipeline, train_step
 from kd_ddp.tracking import cpu_name
 
-ALL = ("loader", "train_step", "compute_limit", "kd_epoch", "ddp")
+ALL = ("loader", "train_step", "compute_limit", "kd_epoch", "ddp", "pipeline")
 
 
 def machine() -> str:
@@ -66,6 +66,10 @@ def main() -> None:
                     kd_epoch.run("seed", [*data, "kd.views=2"], work / "kd-seed", repeats=args.repeats)]
             results["kd_epoch"] = rows
             md += ["### KD student epoch (50,000 images, batch 256)", "", kd_epoch.markdown(rows), ""]
+        if "pipeline" in args.only:
+            results["pipeline"] = pipeline.run(args.data_root, work / "pipeline")
+            md += ["### Whole pipeline vs a plain PyTorch script (quick preset, 1 process)", "",
+                   pipeline.markdown(results["pipeline"]), ""]
         if "ddp" in args.only:
             results["ddp"] = ddp.run(work / "ddp", cache)
             md += ["### DDP and memory", "", ddp.markdown(results["ddp"]), ""]

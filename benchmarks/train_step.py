@@ -23,27 +23,31 @@ from kd_ddp.distributed import DistEnv
 from kd_ddp.models import build_model
 from kd_ddp.train import train_stage
 
-VARIANTS = {"fp32 NCHW": (False, None), "fp32 channels_last": (True, None),
-            "bf16 autocast + channels_last": (True, torch.bfloat16)}
+# name -> (channels_last, autocast dtype, torch.compile)
+VARIANTS = {"fp32 NCHW": (False, None, False), "fp32 channels_last": (True, None, False),
+            "bf16 autocast + channels_last": (True, torch.bfloat16, False),
+            "fp32 channels_last + torch.compile": (True, None, True)}
 
 
-def _step_time(cfg: Config, channels_last: bool, dtype: torch.dtype | None, steps: int, batch: int) -> float:
+def _step_time(cfg: Config, channels_last: bool, dtype: torch.dtype | None, steps: int, batch: int,
+               compile: bool = False) -> float:
     torch.manual_seed(0)
     model = build_model(cfg, "teacher", 10)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(memory_format=fmt)
+    net = torch.compile(model) if compile else model
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
     x = torch.randn(batch, 3, 32, 32).contiguous(memory_format=fmt)
     y = torch.randint(0, 10, (batch,))
 
     def step() -> None:
         with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
-            loss = F.cross_entropy(model(x).float(), y)
+            loss = F.cross_entropy(net(x).float(), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
 
-    for _ in range(3):
+    for _ in range(3):  # warm-up: allocator, oneDNN primitives, and the compile itself
         step()
     t0 = time.perf_counter()
     for _ in range(steps):
@@ -57,8 +61,8 @@ def run_steps(models: list[list[str]], steps: int = 8, batch: int = 256, repeats
         cfg = load_config("quick", overrides)
         samples: dict[str, list[float]] = {k: [] for k in VARIANTS}
         for _ in range(repeats):  # interleaved
-            for name, (cl, dtype) in VARIANTS.items():
-                samples[name].append(batch / _step_time(cfg, cl, dtype, steps, batch))
+            for name, (cl, dtype, comp) in VARIANTS.items():
+                samples[name].append(batch / _step_time(cfg, cl, dtype, steps, batch, comp))
         med = {k: statistics.median(v) for k, v in samples.items()}
         rows.append({"model": f"{cfg.model.teacher} w{cfg.model.teacher_width}", "images_per_s": med,
                      "samples": samples})

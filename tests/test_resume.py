@@ -159,3 +159,17 @@ def test_teacher_checkpoint_of_another_size_is_refused(smoke_run: Path, tmp_path
 
 def _metrics_of(stage_dir: Path) -> list[dict]:
     return [json.loads(x) for x in (stage_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_truncated_checkpoint_is_refused_clearly(smoke_run: Path, tmp_path: Path, cache_dir: Path) -> None:
+    shutil.copytree(smoke_run / "teacher", tmp_path / "teacher")
+    ckpt = tmp_path / "teacher" / "checkpoint.pt"
+    with open(ckpt, "r+b") as f:
+        f.truncate(ckpt.stat().st_size // 2)
+    common = ["--preset", "smoke", f"run.dir={tmp_path}", f"data.cache_dir={cache_dir}", "tracking.wandb.mode=disabled"]
+    used = run_cli(["cache-logits", *common], check=False)  # a later stage reading the teacher
+    (tmp_path / "teacher" / "summary.json").unlink()
+    resumed = run_cli(["train-teacher", *common], check=False)  # the stage resuming from it
+    for proc in (used, resumed):
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+        assert f"checkpoint {ckpt} is unreadable" in proc.stderr and "delete it to start over" in proc.stderr

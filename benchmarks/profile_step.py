@@ -1,0 +1,102 @@
+"""Where the time of a training step goes: torch.profiler over a few steps, top ops by self time.
+
+    python -m benchmarks.profile_step [--model teacher_cnn] [--width 32] [--steps 5]
+
+Profiles the teacher step in fp32 channels_last and in bf16 autocast + channels_last (the
+missed "AMP >= 3x" target: on a CPU without AVX512-BF16/AMX the bf16 convolutions run on
+oneDNN's slower reference kernels), then a KD student step with cached logits vs with a
+live teacher forward (the live/cached ratio is the teacher forward's share of the step).
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
+
+from kd_ddp import losses
+from kd_ddp.config import load_config
+from kd_ddp.models import build_model
+
+
+def _profile(step: Callable[[], None], steps: int, title: str, rows: int) -> float:
+    for _ in range(3):
+        step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+    events = prof.key_averages()
+    total_ms = sum(e.self_cpu_time_total for e in events) / 1e3 / steps
+    print(f"\n### {title}: {total_ms:.1f} ms per step\n")
+    print("| op | self CPU ms per step | share |\n|---|---|---|")
+    for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:rows]:
+        ms = e.self_cpu_time_total / 1e3 / steps
+        print(f"| {e.key} | {ms:.1f} | {100 * ms / total_ms:.0f}% |")
+    return total_ms
+
+
+def teacher_step(model_name: str, width: int, dtype: torch.dtype | None, batch: int) -> Callable[[], None]:
+    cfg = load_config("quick", [f"model.teacher={model_name}", f"model.teacher_width={width}"])
+    torch.manual_seed(0)
+    model = build_model(cfg, "teacher", 10).to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    x = torch.randn(batch, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (batch,))
+
+    def step() -> None:
+        with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
+            loss = F.cross_entropy(model(x).float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def kd_step(model_name: str, width: int, live: bool, batch: int) -> Callable[[], None]:
+    cfg = load_config("quick", [f"model.teacher={model_name}", f"model.teacher_width={width}"])
+    torch.manual_seed(0)
+    student = build_model(cfg, "student", 10).to(memory_format=torch.channels_last)
+    teacher = build_model(cfg, "teacher", 10).to(memory_format=torch.channels_last).eval()
+    opt = torch.optim.SGD(student.parameters(), lr=0.01, momentum=0.9)
+    x = torch.randn(batch, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (batch,))
+    cached = torch.randn(batch, 10)
+
+    def step() -> None:
+        if live:
+            with torch.no_grad():
+                t = teacher(x)
+        else:
+            t = cached
+        loss = losses.kd_loss(student(x), t, y, 0.5, 4.0)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.profile_step")
+    p.add_argument("--model", default="teacher_cnn")
+    p.add_argument("--width", type=int, default=32)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--rows", type=int, default=6)
+    a = p.parse_args()
+    name = f"{a.model} w{a.width}"
+    fp32 = _profile(teacher_step(a.model, a.width, None, a.batch), a.steps, f"teacher {name}, fp32", a.rows)
+    bf16 = _profile(teacher_step(a.model, a.width, torch.bfloat16, a.batch), a.steps,
+                    f"teacher {name}, bf16 autocast", a.rows)
+    cached = _profile(kd_step(a.model, a.width, False, a.batch), a.steps, "KD student step, cached logits", a.rows)
+    live = _profile(kd_step(a.model, a.width, True, a.batch), a.steps, f"KD student step, live {name}", a.rows)
+    print(f"\nbf16 / fp32 step time: {bf16 / fp32:.2f}x; live / cached KD step time: {live / cached:.2f}x "
+          f"(batch {a.batch}, {torch.get_num_threads()} threads)")
+
+
+if __name__ == "__main__":
+    main()
