@@ -24,6 +24,7 @@ import functools
 import itertools
 import math
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -70,7 +71,8 @@ class StageJob(submitit.helpers.Checkpointable):
         # CUDA_VISIBLE_DEVICES stays as Slurm set it; kd_ddp maps local rank -> device.
         dist = submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False,
                                                                       overwrite=True)
-        print(f"kd-ddp {self.stage}: rank {dist.rank} of world size {dist.world_size} "
+        # The host matters once ranks span nodes: it is what a hang or a connection error is traced to.
+        print(f"kd-ddp {self.stage}: rank {dist.rank} of world size {dist.world_size} on {socket.gethostname()} "
               f"(local rank {dist.local_rank} of {dist.local_world_size}, "
               f"master {dist.master_addr}:{dist.master_port})", flush=True)
         cfg = from_dict(self.config)

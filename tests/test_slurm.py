@@ -314,3 +314,102 @@ def test_sbatch_template_runs_torchrun_with_two_ranks(slurm_env: dict[str, str],
     assert out.returncode == 0, out.stderr + log
     assert "1 node(s) x 2 rank(s)" in log and "on 2 rank(s)" in log
     assert json.loads((tmp_path / "run" / "teacher" / "summary.json").read_text())["world_size"] == 2
+
+
+# -- two nodes: one slurmd per network namespace ----------------------------------------
+
+
+@dataclass
+class TwoNodeCluster:
+    env: dict[str, str]
+    nodes: list[str]  # node names in the order of the job's node list
+    addrs: dict[str, str]  # node -> NodeAddr, its address inside its namespace
+
+
+@pytest.fixture(scope="module")
+def multinode_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TwoNodeCluster]:
+    """A second, separate dev cluster whose two nodes are slurmds in network namespaces of their
+    own (`start.sh --nodes 2`); skipped where this machine cannot make namespaces."""
+    if os.geteuid() != 0:
+        pytest.skip("network namespaces for the two-node cluster need root (CAP_NET_ADMIN, CAP_SYS_ADMIN)")
+    missing = [b for b in ("ip", "nsenter", "unshare") if shutil.which(b) is None]
+    if missing:
+        pytest.skip(f"missing {', '.join(missing)} (iproute2, util-linux); slurm/dev-cluster/install.sh installs them")
+    state = tmp_path_factory.mktemp("slurm-2nodes")
+    start = subprocess.run([str(DEV_CLUSTER / "start.sh"), "--nodes", "2", str(state)], capture_output=True,
+                           text=True, timeout=300)
+    if start.returncode == 3:  # start.sh's "cannot create a network namespace", with the kernel's reason
+        pytest.skip(start.stderr.strip().splitlines()[-1])
+    try:
+        if start.returncode != 0:
+            pytest.fail(f"slurm/dev-cluster/start.sh --nodes 2 failed:\n{start.stderr[-6000:]}")
+        env = {**os.environ, "SLURM_CONF": str(state / "etc" / "slurm.conf"), "PYTHONPATH": str(REPO)}
+        nodes = slurm(env, "sinfo", "-h", "-N", "-o", "%N").split()
+        yield TwoNodeCluster(env, nodes, {n: node_fields(env, n)["NodeAddr"] for n in nodes})
+    finally:
+        stop = subprocess.run([str(DEV_CLUSTER / "stop.sh"), str(state)], capture_output=True, text=True,
+                              timeout=300)
+        assert stop.returncode == 0, stop.stderr[-3000:]
+        layout = state / "layout.env"
+        if layout.is_file():  # stop.sh must leave none of this cluster's namespaces behind
+            net_id = dict(line.split("=", 1) for line in layout.read_text().split())["LAYOUT_NET_ID"]
+            left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, timeout=30).stdout
+            assert f"kdslurm{net_id}-" not in left, f"namespaces left behind:\n{left}"
+
+
+def node_fields(env: dict[str, str], node: str) -> dict[str, str]:
+    return dict(re.findall(r"(\w+)=(\S*)", slurm(env, "scontrol", "show", "node", "-o", node)))
+
+
+def test_multinode_nodes_are_separate_network_namespaces(multinode_cluster: TwoNodeCluster) -> None:
+    """What the training test relies on: each node has its own network namespace, hostname and
+    address, and inside every node each node name resolves to that node's NodeAddr."""
+    c = multinode_cluster
+    assert len(c.nodes) == 2 and len(set(c.addrs.values())) == 2
+    out = slurm(c.env, "srun", "--nodes=2", "--ntasks-per-node=1", "--label", "sh", "-c",
+                f"echo host=$(hostname) netns=$(readlink /proc/self/ns/net); getent hosts {' '.join(c.nodes)}")
+    per_task: dict[str, list[str]] = {}
+    for line in out.splitlines():
+        task, _, rest = line.partition(": ")
+        per_task.setdefault(task.strip(), []).append(rest.strip())
+    assert sorted(per_task) == ["0", "1"], out
+    seen = [dict(re.findall(r"(\w+)=(\S+)", lines[0])) for _, lines in sorted(per_task.items())]
+    assert [s["host"] for s in seen] == c.nodes, out  # task i on node i, named as Slurm names it
+    assert seen[0]["netns"] != seen[1]["netns"], out
+    for lines in per_task.values():
+        resolved = {name: addr for addr, name in (ln.split() for ln in lines[1:])}
+        assert resolved == c.addrs, out
+
+
+def test_multinode_job_trains_with_world_size_2_across_two_nodes(multinode_cluster: TwoNodeCluster,
+                                                                  cache_dir: Path, tmp_path: Path) -> None:
+    """A `nodes=2`, one-task-per-node teacher job through the launcher. The two ranks share no
+    loopback (separate namespaces), so the job can only train if gloo and the TCP store really
+    connect over the nodes' addresses, with MASTER_ADDR the job's first node."""
+    c = multinode_cluster
+    proc = launch(c.env, "pipeline", "--stages", "train-teacher", "--preset", "smoke", "--wait", "--poll-s", "1",
+                  "slurm.teacher.nodes=2", "slurm.teacher.tasks_per_node=1", *common(tmp_path, cache_dir))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    record = read_record(tmp_path)
+    assert record is not None
+    teacher = by_key(record)["train-teacher"]
+    assert teacher["tasks"] == 2
+    # Step 0 is submitit's srun of the tasks (the batch step runs on the first node only).
+    rows = slurm(c.env, "sacct", "-n", "-P", "-o", "JobID,NNodes,NodeList,NTasks,State", "-j", teacher["job_id"])
+    steps = {r.split("|")[0]: r.split("|")[1:] for r in rows.split()}
+    assert steps[f"{teacher['job_id']}.0"] == ["2", "kdslurm-n[1-2]", "2", "COMPLETED"], rows
+
+    log0 = Path(teacher["log"])
+    ranks = []
+    for rank in (0, 1):
+        text = log0.with_name(log0.name.replace("_0_log", f"_{rank}_log")).read_text()
+        m = re.search(r"rank (\d+) of world size (\d+) on (\S+) \(.*master ([^:]+):(\d+)\)", text)
+        assert m is not None, text[-3000:]
+        ranks.append(m.groups())
+    first = c.nodes[0]
+    assert ranks[0][:3] == ("0", "2", first) and ranks[1][:3] == ("1", "2", c.nodes[1])  # one rank per node
+    assert ranks[0][3] == ranks[1][3] == first  # MASTER_ADDR: the job's first node, for both ranks
+    assert ranks[0][4] == ranks[1][4]
+    assert "on 2 rank(s)" in log0.read_text()
+    summary = json.loads((tmp_path / "teacher" / "summary.json").read_text())
+    assert summary["world_size"] == 2

@@ -6,7 +6,36 @@
 # clusters (e.g. a developer's and a test run's) can coexist on one host and
 # `rm -rf STATE_DIR` after stop.sh is a complete cleanup.
 
-STATE_DIR=${1:-${KD_DDP_SLURM_STATE_DIR:-/tmp/kd-ddp-slurm}}
+# parse_args "$@": [--nodes N] [STATE_DIR] -> REQUESTED_NODES, STATE_ARG. Both
+# scripts take the same arguments; for stop.sh --nodes only picks the default
+# STATE_DIR (what to tear down is read from the STATE_DIR's layout file).
+parse_args() {
+  REQUESTED_NODES=${KD_DDP_SLURM_NODES:-1}
+  STATE_ARG=
+  while (($#)); do
+    case $1 in
+      --nodes) (($# >= 2)) || { echo "[dev-cluster] ERROR: --nodes needs a value" >&2; exit 2; }
+               REQUESTED_NODES=$2; shift 2 ;;
+      --nodes=*) REQUESTED_NODES=${1#--nodes=}; shift ;;
+      -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//' >&2; exit 0 ;;
+      -*) echo "[dev-cluster] ERROR: unknown option $1" >&2; exit 2 ;;
+      *) [[ -z $STATE_ARG ]] || { echo "[dev-cluster] ERROR: more than one STATE_DIR" >&2; exit 2; }
+         STATE_ARG=$1; shift ;;
+    esac
+  done
+  # 2..9: one digit keeps every interface name below the kernel's 15 bytes.
+  [[ $REQUESTED_NODES =~ ^[1-9]$ ]] || { echo "[dev-cluster] ERROR: --nodes must be 1..9" >&2; exit 2; }
+}
+parse_args "$@"
+
+# A multi-node cluster gets its own default STATE_DIR (and with it its own
+# ports, munge key and database), so it never replaces a running one-node
+# cluster at the old default.
+if ((REQUESTED_NODES == 1)); then
+  STATE_DIR=${STATE_ARG:-${KD_DDP_SLURM_STATE_DIR:-/tmp/kd-ddp-slurm}}
+else
+  STATE_DIR=${STATE_ARG:-${KD_DDP_SLURM_STATE_DIR:-/tmp/kd-ddp-slurm-${REQUESTED_NODES}nodes}}
+fi
 # Absolute path: it ends up in config files read by daemons whose cwd differs.
 mkdir -p "$STATE_DIR"
 STATE_DIR=$(cd "$STATE_DIR" && pwd -P)
@@ -30,14 +59,66 @@ ENV_FILE=$STATE_DIR/env.sh
 # *this* STATE_DIR without touching other clusters or the host's daemons.
 MARKER_VAR=KD_DDP_SLURM_DEV_CLUSTER
 
-# daemon name (== /proc/PID/comm) -> pid file
+# What start.sh set up last time (node count, network); stop.sh tears down
+# exactly that, whatever it is asked for.
+LAYOUT_FILE=$STATE_DIR/layout.env
+# Prefix of every network namespace, bridge and veth this tool creates.
+NET_PREFIX=kdslurm
+# /etc/hosts as the nodes of a multi-node cluster see it.
+NODE_HOSTS_FILE=$ETC_DIR/hosts
+
+# daemon name -> pid file. The name is /proc/PID/comm, optionally followed by
+# @NODE when there is one daemon per node (slurmd@kdslurm-n1).
 declare -A PID_FILES=(
   [munged]=$RUN_DIR/munged.pid
   [mariadbd]=$RUN_DIR/mariadbd.pid
   [slurmdbd]=$RUN_DIR/slurmdbd.pid
   [slurmctld]=$RUN_DIR/slurmctld.pid
-  [slurmd]=$RUN_DIR/slurmd.pid
 )
+
+# set_layout NODES NET_ID: the node names, namespaces and addresses of a
+# cluster with NODES nodes. One node: the host itself on 127.0.0.1, as always.
+# More: node i is namespace ${NET_PREFIX}${NET_ID}-n<i> with address
+# 10.213.NET_ID.(10+i) on a bridge whose own address (10.213.NET_ID.1) is
+# where the root namespace's daemons (slurmctld, slurmdbd) are reached.
+set_layout() {
+  NODES=$1 NET_ID=$2
+  NODE_NAMES=() NODE_NETNS=() NODE_ADDRS=() NODE_VETHS=()
+  local i name
+  for name in "${!PID_FILES[@]}"; do
+    [[ $name == slurmd || $name == slurmd@* ]] && unset "PID_FILES[$name]"
+  done
+  if ((NODES == 1)); then
+    NODE_NAMES=("$(hostname -s)")
+    NODE_ADDRS=(127.0.0.1)
+    CTLD_ADDR=127.0.0.1
+    BRIDGE=
+    PID_FILES[slurmd]=$RUN_DIR/slurmd.pid
+    return
+  fi
+  BRIDGE=$NET_PREFIX$NET_ID
+  CTLD_ADDR=10.213.$NET_ID.1
+  for ((i = 1; i <= NODES; i++)); do
+    # Node names are per cluster (each namespace has its own hosts file), so
+    # they need no NET_ID; the namespaces and links are host-wide, so they do.
+    name=$NET_PREFIX-n$i
+    NODE_NAMES+=("$name")
+    NODE_NETNS+=("$NET_PREFIX$NET_ID-n$i")
+    NODE_ADDRS+=("10.213.$NET_ID.$((10 + i))")
+    NODE_VETHS+=("kds$NET_ID-n$i")
+    PID_FILES[slurmd@$name]=$RUN_DIR/slurmd-$name.pid
+  done
+}
+
+load_layout() {
+  # Globals on purpose: set_layout's NODES/NET_ID would otherwise land in
+  # locals of this function and vanish with it.
+  LAYOUT_NODES=1 LAYOUT_NET_ID=0
+  # shellcheck disable=SC1090
+  if [[ -s $LAYOUT_FILE ]]; then source "$LAYOUT_FILE"; fi
+  set_layout "$LAYOUT_NODES" "$LAYOUT_NET_ID"
+}
+load_layout
 
 log() { printf '[dev-cluster] %s\n' "$*" >&2; }
 die() { printf '[dev-cluster] ERROR: %s\n' "$*" >&2; exit 1; }
@@ -51,7 +132,7 @@ daemon_pid() {
   pid=$(tr -dc '0-9' <"$file")
   # No exe link: gone or a zombie (this VM's init reaps orphans lazily).
   [[ -n $pid && -e /proc/$pid/exe ]] || return 1
-  [[ $(cat "/proc/$pid/comm" 2>/dev/null) == "$name" ]] || return 1
+  [[ $(cat "/proc/$pid/comm" 2>/dev/null) == "${name%%@*}" ]] || return 1
   echo "$pid"
 }
 

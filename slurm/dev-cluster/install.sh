@@ -3,7 +3,9 @@
 # all binaries are already there, so CI can call it unconditionally.
 set -euo pipefail
 
-needed=(slurmctld slurmd slurmdbd munged sacct mariadb-admin mariadb-install-db)
+# ip (iproute2), nsenter and unshare (util-linux): the nodes of `start.sh
+# --nodes N`, which a minimal Debian image does not have.
+needed=(slurmctld slurmd slurmdbd munged sacct mariadb-admin mariadb-install-db ip nsenter unshare)
 missing=()
 for bin in "${needed[@]}"; do
   command -v "$bin" >/dev/null || missing+=("$bin")
@@ -33,4 +35,4 @@ fi
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -q
 apt-get install -y -q --no-install-recommends \
-  slurm-wlm munge slurmdbd mariadb-server mariadb-client util-linux
+  slurm-wlm munge slurmdbd mariadb-server mariadb-client util-linux iproute2

@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# Start a real single-node Slurm cluster (with accounting) on localhost.
+# Start a real Slurm cluster (with accounting) on this machine: one node on
+# localhost, or with --nodes N (2..9) N slurmd "nodes", each in a network
+# namespace of its own with its own address and hostname.
 #
-#   slurm/dev-cluster/start.sh [STATE_DIR]       # default /tmp/kd-ddp-slurm
-#   eval "$(slurm/dev-cluster/start.sh)"          # or: source STATE_DIR/env.sh
+#   slurm/dev-cluster/start.sh [STATE_DIR]            # default /tmp/kd-ddp-slurm
+#   slurm/dev-cluster/start.sh --nodes 2 [STATE_DIR]  # default /tmp/kd-ddp-slurm-2nodes
+#   eval "$(slurm/dev-cluster/start.sh)"               # or: source STATE_DIR/env.sh
 #
 # Progress goes to stderr; stdout carries only the `export SLURM_CONF=...`
 # line so that callers can eval it. Must run as root (no systemd needed).
@@ -15,13 +18,27 @@ source "$HERE/_common.sh"
 
 START_TIMEOUT=${KD_DDP_SLURM_START_TIMEOUT:-120}
 CLUSTER_NAME=kd_ddp_dev   # no '-': Slurm uses it in MariaDB table names
-NODE_NAME=$(hostname -s)
+CTLD_NAME=$(hostname -s)
 
 [[ $(id -u) -eq 0 ]] || die "must run as root (the daemons use SlurmUser=root)"
 for bin in munged mungekey mariadbd mariadb-install-db mariadb-admin slurmdbd \
            slurmctld slurmd sacctmgr sinfo scontrol flock setsid; do
   command -v "$bin" >/dev/null || die "$bin not found; run $HERE/install.sh first"
 done
+if ((REQUESTED_NODES > 1)); then
+  for bin in ip nsenter unshare mount hostname; do
+    command -v "$bin" >/dev/null || die "$bin not found (needed for --nodes); run $HERE/install.sh first"
+  done
+  # Fail early and recognisably (exit 3) where namespaces cannot be made
+  # (no CAP_NET_ADMIN/CAP_SYS_ADMIN, a locked-down container): callers such
+  # as the tests skip on 3 instead of failing.
+  probe=$NET_PREFIX-probe-$$
+  if ! err=$(ip netns add "$probe" 2>&1); then
+    log "ERROR: cannot create a network namespace (ip netns add: $err)"
+    exit 3
+  fi
+  ip netns del "$probe"
+fi
 
 # Unix socket paths are limited to 107 bytes; a deep STATE_DIR (pytest's
 # tmp_path, say) would otherwise fail later with an obscure bind error.
@@ -40,24 +57,43 @@ print_env() {
   echo "export SLURM_CONF=$SLURM_CONF_FILE"
 }
 
+# nodes_usable: true when every node of the layout takes jobs.
+nodes_usable() {
+  local states
+  states=$(slurm_env sinfo -h -N -n "$(IFS=,; echo "${NODE_NAMES[*]}")" -o '%N %T' 2>/dev/null) || return 1
+  (($(wc -l <<<"$states") == ${#NODE_NAMES[@]})) || return 1
+  ! grep -qvE ' (idle|mixed|allocated|completing)$' <<<"$states"
+}
+
+# network_exists: anything left of the layout's namespaces or bridge.
+network_exists() {
+  local ns
+  [[ -n $BRIDGE ]] || return 1
+  ip link show "$BRIDGE" >/dev/null 2>&1 && return 0
+  for ns in "${NODE_NETNS[@]}"; do
+    [[ -e /run/netns/$ns ]] && return 0
+  done
+  return 1
+}
+
 # ---------------------------------------------------------------- already up?
 running=()
 for name in "${!PID_FILES[@]}"; do
   daemon_pid "$name" >/dev/null && running+=("$name")
 done
-if ((${#running[@]} == ${#PID_FILES[@]})) && [[ -f $ENV_FILE ]]; then
-  state=$(slurm_env sinfo -h -n "$NODE_NAME" -o %T 2>/dev/null || true)
-  # Any state in which the node takes jobs counts as "up".
-  if [[ $state == @(idle|mixed|allocated|completing) ]]; then
-    log "already running from $STATE_DIR (node $state)"
+if ((LAYOUT_NODES == REQUESTED_NODES && ${#running[@]} == ${#PID_FILES[@]})) && [[ -f $ENV_FILE ]]; then
+  # Any state in which the nodes take jobs counts as "up".
+  if nodes_usable; then
+    log "already running from $STATE_DIR ($NODES node(s): ${NODE_NAMES[*]})"
     print_env
     exit 0
   fi
 fi
-if ((${#running[@]})); then
-  # A half-running cluster (crash, killed daemon, node down) is easier to
-  # restart than to repair; its persistent state is kept.
-  log "running but not healthy (up: ${running[*]}); restarting it"
+if ((${#running[@]})) || network_exists; then
+  # A half-running cluster (crash, killed daemon, node down), or one with
+  # another number of nodes, is easier to restart than to repair; its
+  # persistent state is kept.
+  log "running but not healthy or not with $REQUESTED_NODES node(s) (up: ${running[*]:-none}); restarting it"
   flock -u 9
   "$HERE/stop.sh" "$STATE_DIR"
   flock -w 300 9 || die "timed out waiting for the lock on $STATE_DIR/.lock"
@@ -68,6 +104,73 @@ mkdir -p "$ETC_DIR" "$RUN_DIR" "$LOG_DIR" "$MUNGE_DIR" "$CTLD_DIR" "$SLURMD_DIR"
 # munged refuses group/world-writable dirs; clients (job steps, possibly not
 # root) need to traverse to the munge socket, hence 755 all the way.
 chmod 755 "$STATE_DIR" "$ETC_DIR" "$RUN_DIR" "$LOG_DIR" "$MUNGE_DIR"
+
+# ----------------------------------------------------------------- network
+# One node: nothing to do. N nodes: a bridge in the root namespace (the
+# controller's side) and per node a namespace joined to it by a veth pair.
+# No route leaves the subnet and nothing is forwarded, so the traffic stays
+# between these namespaces and the bridge.
+#
+# subnet_free K: nothing on this host uses 10.213.K.0/24 or the names of K.
+subnet_free() {
+  local k=$1
+  ! ip link show "$NET_PREFIX$k" >/dev/null 2>&1 &&
+    ! compgen -G "/run/netns/$NET_PREFIX$k-n*" >/dev/null &&
+    [[ -z $(ip -4 -o addr show to "10.213.$k.0/24" 2>/dev/null) ]] &&
+    [[ -z $(ip -4 route show to match "10.213.$k.1" 2>/dev/null | awk '$1 != "default"') ]]
+}
+
+# The hosts file each node's slurmd sees as /etc/hosts (a bind mount in its
+# own mount namespace): every node name resolves to its namespace address.
+# submitit's MASTER_ADDR is the first node's name, and gloo binds to the
+# address its own hostname resolves to. The host's /etc/hosts is not touched.
+write_hosts() {
+  local i
+  {
+    cat /etc/hosts
+    echo "# kd-ddp dev cluster $STATE_DIR: its nodes"
+    for i in "${!NODE_NAMES[@]}"; do
+      printf '%s\t%s\n' "${NODE_ADDRS[$i]}" "${NODE_NAMES[$i]}"
+    done
+  } >"$NODE_HOSTS_FILE"
+}
+
+setup_network() {
+  local k i ns
+  # Reuse this STATE_DIR's subnet when it is free, else the first free one.
+  # `ip link add` of the bridge is what claims a subnet: it fails if a
+  # concurrent start took the same one, and the loop moves on.
+  for k in "$LAYOUT_NET_ID" $(seq 1 254); do
+    ((k >= 1)) && subnet_free "$k" && ip link add "$NET_PREFIX$k" type bridge 2>/dev/null && break
+    k=
+  done
+  [[ -n $k ]] || die "no free subnet 10.213.K.0/24 (K = 1..254) for the node namespaces"
+  set_layout "$REQUESTED_NODES" "$k"
+  # Written before anything else is created, so that stop.sh can undo a
+  # set-up that fails half-way.
+  printf 'LAYOUT_NODES=%s\nLAYOUT_NET_ID=%s\n' "$NODES" "$NET_ID" >"$LAYOUT_FILE"
+  ip addr add "$CTLD_ADDR/24" dev "$BRIDGE"
+  ip link set "$BRIDGE" up
+  for i in "${!NODE_NAMES[@]}"; do
+    ns=${NODE_NETNS[$i]}
+    ip netns add "$ns"
+    ip link add "${NODE_VETHS[$i]}" type veth peer name eth0 netns "$ns"
+    ip link set "${NODE_VETHS[$i]}" master "$BRIDGE" up
+    ip -n "$ns" addr add "${NODE_ADDRS[$i]}/24" dev eth0
+    ip -n "$ns" link set eth0 up
+    ip -n "$ns" link set lo up
+  done
+  write_hosts
+  log "network: bridge $BRIDGE ($CTLD_ADDR), nodes $(for i in "${!NODE_NAMES[@]}"; do
+    printf '%s=%s(netns %s) ' "${NODE_NAMES[$i]}" "${NODE_ADDRS[$i]}" "${NODE_NETNS[$i]}"; done)"
+}
+
+if ((REQUESTED_NODES == 1)); then
+  set_layout 1 0
+  printf 'LAYOUT_NODES=1\nLAYOUT_NET_ID=0\n' >"$LAYOUT_FILE"
+else
+  setup_network
+fi
 
 # ------------------------------------------------------------------- ports
 # Print N TCP ports that nothing on this host uses (any state, v4 and v6),
@@ -180,10 +283,28 @@ wait_for mariadbd 60 mariadb-admin --no-defaults --socket="$DB_SOCKET" -u root p
 hw=$(slurmd -C 9>&- | head -n 1 | sed -E 's/^NodeName=[^ ]+ //; s/ ?UpTime=.*//')
 [[ $hw == *CPUs=* ]] || die "unexpected 'slurmd -C' output: $hw"
 
+# One slurmd: the paths as they always were. Several share this filesystem,
+# so each gets its own spool dir, pid file and log through %n (its NodeName).
+# NodeAddr is what slurmctld and srun connect to; NodeHostname is the
+# hostname each slurmd gets in its UTS namespace (slurmd is started with -N,
+# so Slurm itself would accept the host's name for all of them, but then
+# every rank would report the same host).
+if ((NODES == 1)); then
+  slurmd_spool=$SLURMD_DIR slurmd_pid=${PID_FILES[slurmd]} slurmd_log=$LOG_DIR/slurmd.log
+  node_lines="NodeName=${NODE_NAMES[0]} NodeAddr=127.0.0.1 $hw State=UNKNOWN"
+else
+  slurmd_spool=$SLURMD_DIR/%n slurmd_pid=$RUN_DIR/slurmd-%n.pid slurmd_log=$LOG_DIR/slurmd-%n.log
+  node_lines=$(for i in "${!NODE_NAMES[@]}"; do
+    echo "NodeName=${NODE_NAMES[$i]} NodeHostname=${NODE_NAMES[$i]} NodeAddr=${NODE_ADDRS[$i]} $hw State=UNKNOWN"
+  done)
+fi
+
 cat >"$SLURM_CONF_FILE" <<EOF
 # Generated by $HERE/start.sh -- regenerated on every start.
 ClusterName=$CLUSTER_NAME
-SlurmctldHost=$NODE_NAME(127.0.0.1)
+# The controller's address is one every node can reach: 127.0.0.1 for one
+# node, the bridge's address when the nodes are network namespaces.
+SlurmctldHost=$CTLD_NAME($CTLD_ADDR)
 SlurmUser=root
 SlurmdUser=root
 SlurmctldPort=$CTLD_PORT
@@ -197,11 +318,11 @@ AuthInfo=socket=$MUNGE_SOCKET,cred_expire=10
 AccountingStoragePass=$MUNGE_SOCKET
 
 StateSaveLocation=$CTLD_DIR
-SlurmdSpoolDir=$SLURMD_DIR
+SlurmdSpoolDir=$slurmd_spool
 SlurmctldPidFile=${PID_FILES[slurmctld]}
-SlurmdPidFile=${PID_FILES[slurmd]}
+SlurmdPidFile=$slurmd_pid
 SlurmctldLogFile=$LOG_DIR/slurmctld.log
-SlurmdLogFile=$LOG_DIR/slurmd.log
+SlurmdLogFile=$slurmd_log
 SlurmctldDebug=info
 SlurmdDebug=info
 MailProg=/bin/true
@@ -217,7 +338,7 @@ JobCompType=jobcomp/none
 
 # sacct (and hence submitit's job states) needs accounting via slurmdbd.
 AccountingStorageType=accounting_storage/slurmdbd
-AccountingStorageHost=127.0.0.1
+AccountingStorageHost=$CTLD_ADDR
 AccountingStoragePort=$DBD_PORT
 
 # Fast turnaround for tests: schedule every second, requeue allowed,
@@ -234,7 +355,7 @@ DependencyParameters=kill_invalid_depend
 InactiveLimit=0
 SlurmdTimeout=300
 
-NodeName=$NODE_NAME NodeAddr=127.0.0.1 $hw State=UNKNOWN
+$node_lines
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 EOF
 
@@ -244,7 +365,7 @@ cat >"$SLURMDBD_CONF_FILE" <<EOF
 AuthType=auth/munge
 AuthInfo=socket=$MUNGE_SOCKET
 DbdHost=localhost
-DbdAddr=127.0.0.1
+DbdAddr=$CTLD_ADDR
 DbdPort=$DBD_PORT
 SlurmUser=root
 PidFile=${PID_FILES[slurmdbd]}
@@ -276,32 +397,59 @@ fi
 
 launch slurmctld slurmctld -D -f "$SLURM_CONF_FILE"
 wait_for slurmctld 30 slurm_env scontrol ping
-launch slurmd slurmd -D -f "$SLURM_CONF_FILE"
+slurmd_pids=()
+if ((NODES == 1)); then
+  launch slurmd slurmd -D -f "$SLURM_CONF_FILE"
+  slurmd_pids+=("$LAUNCHED_PID")
+else
+  for i in "${!NODE_NAMES[@]}"; do
+    node=${NODE_NAMES[$i]}
+    mkdir -p "$SLURMD_DIR/$node"
+    # Not `ip netns exec`: it remounts /sys for the namespace, which hides
+    # /sys/fs/cgroup, and slurmd 22.05 then refuses to start ("Unable to
+    # initialize cgroup plugin") even with proctrack/linuxproc. nsenter only
+    # switches the network namespace; unshare adds a mount namespace (for
+    # the hosts file) and a UTS namespace, so that the job's processes,
+    # submitit and gloo all see the node's name as the hostname. None of the
+    # three forks, so $! is slurmd's PID.
+    # shellcheck disable=SC2016  # $1..$3 are for the inner sh
+    launch "slurmd-$node" nsenter --net="/run/netns/${NODE_NETNS[$i]}" unshare --mount --uts -- \
+      sh -c 'mount --bind "$3" /etc/hosts && hostname "$1" && exec slurmd -D -N "$1" -f "$2"' \
+      sh "$node" "$SLURM_CONF_FILE" "$NODE_HOSTS_FILE"
+    slurmd_pids+=("$LAUNCHED_PID")
+  done
+fi
+node_list=$(IFS=,; echo "${NODE_NAMES[*]}")
 
 # --------------------------------------------------------- wait for idle
 deadline=$((SECONDS + START_TIMEOUT))
 last_resume=-1
 while :; do
-  state=$(slurm_env sinfo -h -n "$NODE_NAME" -o %T 2>/dev/null || true)
+  states=$(slurm_env sinfo -h -N -n "$node_list" -o '%N %T' 2>/dev/null || true)
   # Not just idle: jobs requeued from an earlier run may start at once.
-  [[ $state == @(idle|mixed|allocated|completing) ]] && break
+  nodes_usable && break
   # State saved by an earlier, unclean stop (slurmd killed first, say) can
-  # leave the node drained; ReturnToService does not undo a drain. RESUME is
+  # leave a node drained; ReturnToService does not undo a drain. RESUME is
   # refused until slurmd has registered, hence the retries.
-  if [[ $state == drain* ]] && ((SECONDS > last_resume)); then
-    ((last_resume >= 0)) || log "node is $state from an earlier run; resuming it"
-    slurm_env scontrol update NodeName="$NODE_NAME" State=RESUME >/dev/null 2>&1 || true
+  drained=$(awk '$2 ~ /^drain/ { print $1 }' <<<"$states" | paste -sd, -)
+  if [[ -n $drained ]] && ((SECONDS > last_resume)); then
+    ((last_resume >= 0)) || log "node(s) $drained drained from an earlier run; resuming"
+    slurm_env scontrol update NodeName="$drained" State=RESUME >/dev/null 2>&1 || true
     last_resume=$SECONDS
   fi
-  if ((SECONDS >= deadline)) || [[ ! -e /proc/$LAUNCHED_PID/exe ]]; then
+  dead=()
+  for pid in "${slurmd_pids[@]}"; do
+    [[ -e /proc/$pid/exe ]] || dead+=("$pid")
+  done
+  if ((SECONDS >= deadline || ${#dead[@]})); then
     slurm_env sinfo -N -l >&2 || true
-    slurm_env scontrol show node "$NODE_NAME" >&2 || true
+    slurm_env scontrol show node "$node_list" >&2 || true
     tail_logs
-    [[ -e /proc/$LAUNCHED_PID/exe ]] || die "slurmd exited during start-up (logs above)"
-    die "node $NODE_NAME not idle after ${START_TIMEOUT} s (state: '${state:-?}'); logs in $LOG_DIR"
+    ((${#dead[@]} == 0)) || die "slurmd (pid ${dead[*]}) exited during start-up (logs above)"
+    die "node(s) $node_list not idle after ${START_TIMEOUT} s (states: '${states//$'\n'/, }'); logs in $LOG_DIR"
   fi
   sleep 0.2
 done
 
-log "cluster $CLUSTER_NAME up in $((SECONDS - t0)) s (state dir $STATE_DIR, ports ctld=$CTLD_PORT slurmd=$SLURMD_PORT dbd=$DBD_PORT)"
+log "cluster $CLUSTER_NAME up in $((SECONDS - t0)) s ($NODES node(s): ${NODE_NAMES[*]}; state dir $STATE_DIR, ports ctld=$CTLD_PORT slurmd=$SLURMD_PORT dbd=$DBD_PORT)"
 print_env

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Stop the dev cluster started by start.sh from STATE_DIR (default
-# /tmp/kd-ddp-slurm) and leave none of its processes running. State (job
-# ids, accounting database) is kept for the next start; `rm -rf STATE_DIR`
-# afterwards to wipe it.
+# /tmp/kd-ddp-slurm; with --nodes N, /tmp/kd-ddp-slurm-Nnodes) and leave none
+# of its processes running; a multi-node cluster's namespaces and links go
+# too. State (job ids, accounting database) is kept for the next start;
+# `rm -rf STATE_DIR` afterwards to wipe it. Idempotent.
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -37,6 +38,12 @@ stop_daemon() {
   kill_pids "$name" "$DAEMON_TIMEOUT" "$pid"
 }
 
+# One slurmd, or one per node of a multi-node layout.
+slurmd_names=()
+for name in "${!PID_FILES[@]}"; do
+  [[ $name == slurmd || $name == slurmd@* ]] && slurmd_names+=("$name")
+done
+
 # ------------------------------------------------------------ drain queue
 # Jobs go first: `scontrol shutdown` with jobs still running leaves the node
 # drained ("Kill task failed" etc.) in the saved state of the next start.
@@ -58,7 +65,7 @@ if daemon_pid slurmctld >/dev/null && slurm_env scontrol ping >/dev/null 2>&1; t
   log "scontrol shutdown"
   slurm_env scontrol shutdown >/dev/null 2>&1 || true
   pids=()
-  for name in slurmctld slurmd; do
+  for name in slurmctld "${slurmd_names[@]}"; do
     pid=$(daemon_pid "$name") && pids+=("$pid")
   done
   if ((${#pids[@]})) && ! wait_gone "$DAEMON_TIMEOUT" "${pids[@]}"; then
@@ -68,7 +75,7 @@ fi
 
 # Whatever is left, by PID. slurmdbd before MariaDB so it can flush pending
 # records; munged last because every Slurm daemon authenticates through it.
-for name in slurmd slurmctld slurmdbd mariadbd munged; do
+for name in "${slurmd_names[@]}" slurmctld slurmdbd mariadbd munged; do
   stop_daemon "$name"
 done
 
@@ -83,4 +90,26 @@ if ((${#left[@]})); then
 fi
 
 rm -f "$MUNGE_SOCKET" "$MUNGE_SOCKET.lock" "$DB_SOCKET"
+
+# ----------------------------------------------------------------- network
+# Only the names the layout file records, each only if it exists, so this
+# is a no-op the second time and never touches another cluster's network.
+if [[ -n $BRIDGE ]]; then
+  removed=()
+  for i in "${!NODE_NETNS[@]}"; do
+    ns=${NODE_NETNS[$i]}
+    if [[ -e /run/netns/$ns ]]; then
+      if ip netns del "$ns"; then removed+=("netns $ns"); else log "WARNING: could not delete network namespace $ns"; fi
+    fi
+    # Deleting the namespace deletes the veth pair, unless a process still
+    # holds the namespace open; then the host end goes explicitly.
+    if ip link show "${NODE_VETHS[$i]}" >/dev/null 2>&1; then
+      if ip link del "${NODE_VETHS[$i]}"; then removed+=("veth ${NODE_VETHS[$i]}"); fi
+    fi
+  done
+  if ip link show "$BRIDGE" >/dev/null 2>&1; then
+    if ip link del "$BRIDGE"; then removed+=("bridge $BRIDGE"); else log "WARNING: could not delete bridge $BRIDGE"; fi
+  fi
+  ((${#removed[@]} == 0)) || log "removed ${removed[*]}"
+fi
 log "stopped (state kept in $STATE_DIR)"
