@@ -13,15 +13,17 @@ import argparse
 import datetime
 import json
 import platform
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
-from benchmarks import ddp, kd_epoch, loader, pipeline, train_step
+from benchmarks import ddp, kd_epoch, loader, memory, pipeline, train_step
 from kd_ddp.tracking import cpu_name
 
-ALL = ("loader", "train_step", "compute_limit", "kd_epoch", "ddp", "pipeline")
+ALL = ("loader", "train_step", "compute_limit", "kd_epoch", "ddp", "memory", "pipeline")
 
 
 def machine() -> str:
@@ -66,6 +68,12 @@ def main() -> None:
                     kd_epoch.run("seed", [*data, "kd.views=2"], work / "kd-seed", repeats=args.repeats)]
             results["kd_epoch"] = rows
             md += ["### KD student epoch (50,000 images, batch 256)", "", kd_epoch.markdown(rows), ""]
+        if "memory" in args.only:  # a fresh process: ru_maxrss is a per-process peak
+            proc = subprocess.run([sys.executable, "-m", "benchmarks.memory", "--json"], check=True,
+                                  capture_output=True, text=True)
+            results["memory"] = json.loads(proc.stdout.strip().splitlines()[-1])
+            md += ["### Memory of one process, step by step (synthetic data, smoke teacher)", "",
+                   memory.markdown(results["memory"]), ""]
         if "pipeline" in args.only:
             results["pipeline"] = pipeline.run(args.data_root, work / "pipeline")
             md += ["### Whole pipeline vs a plain PyTorch script (quick preset, 1 process)", "",
