@@ -282,7 +282,8 @@ def build_report(cfg: Config) -> dict[str, Any]:
 
     out.mkdir(parents=True, exist_ok=True)
     images = _plots(cfg, runs, results, out)
-    lines = [f"# Knowledge distillation on {cfg.data.source} data: comparison", "",
+    data = Path(cfg.data.root).name if cfg.data.root else f"{cfg.data.source} data"
+    lines = [f"# Knowledge distillation on {data}: teacher vs students", "",
              f"Preset `{cfg.preset}`, seed {cfg.seed}, KD alpha={cfg.kd.alpha}, T={cfg.kd.temperature}, "
              f"teacher logits {cfg.kd.teacher}.", ""]
     lines += accuracy_table(results) + [""]
