@@ -56,6 +56,9 @@ for step in $steps; do
         "$KD" report "${COMMON[@]}" "run.dir=$WORK" ;;
     publish)
         # metrics, summaries, configs, the cache manifest: no checkpoints, caches, W&B logs
+        # results/ is replaced by WORK: refuse a WORK that lacks seed 0 (the run dir itself)
+        [[ -f $WORK/teacher/summary.json ]] || { echo "publish: $WORK has no finished seed-0 teacher;" \
+            "results/ is replaced by WORK, so run the seed-0 pipeline there first" >&2; exit 2; }
         rm -rf results && mkdir results
         tar -C "$WORK" --exclude='*.pt' --exclude=logits.npy --exclude=wandb --exclude='.kd-ddp*.lock' \
             --exclude='*.tmp*' --exclude=report -cf - . | tar -C results -xf -
