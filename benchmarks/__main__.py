@@ -68,7 +68,7 @@ def main() -> None:
                     kd_epoch.run("seed", [*data, "kd.views=2"], work / "kd-seed", repeats=args.repeats)]
             results["kd_epoch"] = rows
             md += ["### KD student epoch (50,000 images, batch 256)", "", kd_epoch.markdown(rows), ""]
-        if "memory" in args.only:  # a fresh process: ru_maxrss is a per-process peak
+        if "memory" in args.only:  # a fresh process: the peak is per process
             proc = subprocess.run([sys.executable, "-m", "benchmarks.memory", "--json"], check=True,
                                   capture_output=True, text=True)
             results["memory"] = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -4,23 +4,24 @@
 
 One fresh process imports torch and FFCV, prepares a synthetic data set, builds the FFCV
 loader, reads one epoch and trains the smoke teacher; after each step it records the current
-RSS and the peak so far (ru_maxrss). Run it in its own process: the peak is per process.
+RSS and the peak so far. Run it in its own process: the peak is per process.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
 import tempfile
+from pathlib import Path
 from typing import Any
 
 
 def rss_mb() -> tuple[float, float]:
-    with open("/proc/self/statm") as f:
-        current = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-    return current, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """(current RSS, peak RSS) in MB. The peak is VmHWM, not ru_maxrss: ru_maxrss survives
+    execve, so a process started from a big parent would report the parent's peak."""
+    status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+    kb = lambda key: int(status[key].split()[0]) / 1024
+    return kb("VmRSS"), kb("VmHWM")
 
 
 def run(train_images: int = 8192) -> list[dict[str, Any]]:

@@ -70,6 +70,18 @@ class StopRequest:
         self.requested = True
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far (all stages it ran), in MB: VmHWM, since
+    ru_maxrss survives execve and would report the peak of a big parent (a benchmark driver)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # KiB on Linux
+
+
 # -- precision ------------------------------------------------------------------------
 
 
@@ -388,8 +400,7 @@ def train_stage(cfg: Config, env: DistEnv, data: PreparedData, stage: str) -> di
         "weights_hash": weights_hash(model.state_dict()),
         "fingerprint": fp_hash,
         "session_time_s": round(time.perf_counter() - stage_start, 3),
-        # ru_maxrss is in KiB on Linux; it is the peak of this process so far (all stages it ran)
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak_rss_mb": peak_rss_mb(),
         "peak_cuda_mb": round(torch.cuda.max_memory_allocated(env.device) / 2**20, 1)
         if env.device.type == "cuda" else None,
     }
