@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import io
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,28 +20,40 @@ class NoSpaceError(RuntimeError):
     """The disk filled up while writing an output: printed as a message, never as a traceback."""
 
 
+NO_SPACE_HINT = "free some space or point run.dir / data.cache_dir at a larger filesystem"
+
+
 def no_space(path: Path, needed: int | None = None) -> NoSpaceError:
     free = shutil.disk_usage(path.parent if path.parent.exists() else ".").free
     need = f"{needed / 1e6:.1f} MB needed, " if needed is not None else ""
-    return NoSpaceError(f"no space left on device to write {path} ({need}{free / 1e6:.1f} MB free); "
-                        f"free some space or point run.dir / data.cache_dir at a larger filesystem")
+    return NoSpaceError(f"no space left on device to write {path} ({need}{free / 1e6:.1f} MB free); {NO_SPACE_HINT}")
 
 
-def atomic_write_bytes(path: Path, payload: bytes) -> None:
-    """temp file in the same directory, fsync, rename: the old or the new file, never half."""
+@contextlib.contextmanager
+def atomic_output(path: Path, size: int | None = None) -> Iterator[Path]:
+    """Yield a temp path beside `path` to write; then fsync it and rename it into place, so a
+    reader sees the old file or the new one, never half. On any failure the temp file is
+    removed, and a full disk becomes a NoSpaceError naming `path` (`size`: bytes it needed)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-    except OSError as e:
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
-        if e.errno == errno.ENOSPC:
-            raise no_space(path, len(payload)) from None
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            raise no_space(path, size) from None
         raise
     os.replace(tmp, path)
+
+
+def atomic_write_bytes(path: Path, payload: bytes) -> None:
+    with atomic_output(path, len(payload)) as tmp:
+        tmp.write_bytes(payload)
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from kd_ddp import distributed, tracking
-from kd_ddp.checkpoint import CheckpointError, NoSpaceError, atomic_write_json
+from kd_ddp.checkpoint import NO_SPACE_HINT, CheckpointError, NoSpaceError, atomic_write_json
 from kd_ddp.config import Config, ConfigError, load_config
 from kd_ddp.data import prepare_data
 from kd_ddp.sources import DataError
@@ -176,8 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         if e.errno != errno.ENOSPC:
             raise
-        # a write not routed through checkpoint.py (numpy, FFCV's writer) hit a full disk
-        print(f"kd-ddp: error: no space left on device ({e}); free some space or point run.dir / "
-              f"data.cache_dir at a larger filesystem", file=sys.stderr)
+        # a write not routed through checkpoint.atomic_output (archive extraction, W&B) hit a full disk
+        print(f"kd-ddp: error: no space left on device ({e}); {NO_SPACE_HINT}", file=sys.stderr)
         return 2
     return 0

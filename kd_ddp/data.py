@@ -19,7 +19,6 @@ import functools
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from kd_ddp.checkpoint import atomic_output, atomic_write_json
 from kd_ddp.config import Config, fingerprint
 from kd_ddp.distributed import DistEnv, available_cores, barrier
 from kd_ddp.sources import DataError, RawDataset, Split, read_source
@@ -103,16 +103,8 @@ def file_lock(path: Path) -> Iterator[None]:
 
 
 def _atomic_npy(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            np.save(f, array)
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # a full disk must not leave half a file behind
-        raise
-    os.replace(tmp, path)
+    with atomic_output(path, array.nbytes) as tmp, open(tmp, "wb") as f:
+        np.save(f, array)
 
 
 def _write_beton(path: Path, split: Split, workers: int) -> None:
@@ -126,19 +118,14 @@ def _write_beton(path: Path, split: Split, workers: int) -> None:
         def __getitem__(self, i: int) -> tuple[np.ndarray, int, int]:
             return split.images[i], int(split.labels[i]), i
 
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     fields = {
         # raw pixels: CIFAR-sized images decode faster uncompressed than as JPEG
         "image": RGBImageField(write_mode="raw", max_resolution=split.images.shape[1]),
         "label": IntField(),
         "index": IntField(),  # FFCV has no built-in sample index; the cache and resume need it
     }
-    try:
+    with atomic_output(path, split.images.nbytes) as tmp:
         DatasetWriter(str(tmp), fields, num_workers=workers).from_indexed_dataset(_Indexed())
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    os.replace(tmp, path)
 
 
 def _content_hash(raw: RawDataset) -> str:
@@ -174,9 +161,7 @@ def _build(cfg: Config, out: Path, workers: int) -> dict[str, Any]:
         "content_hash": _content_hash(raw),
         "files": files,
     }
-    tmp = out / "meta.json.tmp"
-    tmp.write_text(json.dumps(meta, indent=1))
-    os.replace(tmp, out / "meta.json")
+    atomic_write_json(out / "meta.json", meta)
     log.info("prepared %d train / %d test images, %d classes", meta["sizes"]["train"],
              meta["sizes"]["test"], len(raw.classes))
     return meta
