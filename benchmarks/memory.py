@@ -12,16 +12,9 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
-from pathlib import Path
 from typing import Any
 
-
-def rss_mb() -> tuple[float, float]:
-    """(current RSS, peak RSS) in MB. The peak is VmHWM, not ru_maxrss: ru_maxrss survives
-    execve, so a process started from a big parent would report the parent's peak."""
-    status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
-    kb = lambda key: int(status[key].split()[0]) / 1024
-    return kb("VmRSS"), kb("VmHWM")
+from kd_ddp.process_memory import rss_mb
 
 
 def run(train_images: int = 8192) -> list[dict[str, Any]]:

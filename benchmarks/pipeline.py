@@ -24,7 +24,8 @@ from torch import nn
 
 from kd_ddp import losses
 from kd_ddp.config import Config, load_config
-from kd_ddp.distributed import available_cores
+from kd_ddp.data import prepare_data
+from kd_ddp.distributed import DistEnv, available_cores
 from kd_ddp.models import build_model
 from kd_ddp.sources import extract_archive
 from kd_ddp.train import lr_at
@@ -110,9 +111,6 @@ def kd_ddp_pipeline(preset: str, archive: str, work: Path) -> dict[str, Any]:
 
 def run(archive: str, work: Path, preset: str = "quick") -> dict[str, Any]:
     cfg = load_config(preset, [f"data.root={archive}", f"data.cache_dir={work / 'plain-cache'}"])
-    from kd_ddp.data import prepare_data
-    from kd_ddp.distributed import DistEnv
-
     data = prepare_data(cfg, DistEnv())  # for the mean/std both sides normalize with
     root = extract_archive(Path(archive), cfg.cache_dir)
     plain = plain_script(cfg, root, data.meta["mean"], data.meta["std"])

@@ -14,9 +14,9 @@ import argparse
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
+from benchmarks import train_step
 from kd_ddp import losses
 from kd_ddp.config import load_config
 from kd_ddp.models import build_model
@@ -40,20 +40,7 @@ def _profile(step: Callable[[], None], steps: int, title: str, rows: int) -> flo
 
 def teacher_step(model_name: str, width: int, dtype: torch.dtype | None, batch: int) -> Callable[[], None]:
     cfg = load_config("quick", [f"model.teacher={model_name}", f"model.teacher_width={width}"])
-    torch.manual_seed(0)
-    model = build_model(cfg, "teacher", 10).to(memory_format=torch.channels_last)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    x = torch.randn(batch, 3, 32, 32).contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 10, (batch,))
-
-    def step() -> None:
-        with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
-            loss = F.cross_entropy(model(x).float(), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    return step
+    return train_step.teacher_step(cfg, True, dtype, batch)
 
 
 def kd_step(model_name: str, width: int, live: bool, batch: int) -> Callable[[], None]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +30,9 @@ VARIANTS = {"fp32 NCHW": (False, None, False), "fp32 channels_last": (True, None
             "fp32 channels_last + torch.compile": (True, None, True)}
 
 
-def _step_time(cfg: Config, channels_last: bool, dtype: torch.dtype | None, steps: int, batch: int,
-               compile: bool = False) -> float:
+def teacher_step(cfg: Config, channels_last: bool, dtype: torch.dtype | None, batch: int,
+                 compile: bool = False) -> Callable[[], None]:
+    """One teacher training step (forward, CE, backward, SGD) on a fixed in-memory batch."""
     torch.manual_seed(0)
     model = build_model(cfg, "teacher", 10)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -47,6 +49,12 @@ def _step_time(cfg: Config, channels_last: bool, dtype: torch.dtype | None, step
         loss.backward()
         opt.step()
 
+    return step
+
+
+def _step_time(cfg: Config, channels_last: bool, dtype: torch.dtype | None, steps: int, batch: int,
+               compile: bool = False) -> float:
+    step = teacher_step(cfg, channels_last, dtype, batch, compile)
     for _ in range(3):  # warm-up: allocator, oneDNN primitives, and the compile itself
         step()
     t0 = time.perf_counter()

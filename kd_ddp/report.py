@@ -128,24 +128,26 @@ def collect_seeds(run_dir: Path) -> dict[str, dict[str, Any]]:
     return stats
 
 
+def _kd_summaries(d: Path) -> list[tuple[str, dict[str, Any]]]:
+    """(name, summary) of every finished KD student under `d/<name>/`, in name order."""
+    return [(path.parents[1].name, json.loads(path.read_text()))
+            for path in sorted(d.glob("*/student-kd/summary.json"))]
+
+
 def collect_variants(run_dir: Path) -> list[dict[str, Any]]:
     """One entry per finished KD student under `<run_dir>/variants/`, in name order."""
-    entries = []
-    for path in sorted((run_dir / VARIANTS_DIR).glob("*/student-kd/summary.json")):
-        s = json.loads(path.read_text())
-        entries.append({"name": path.parents[1].name, **(s.get("kd") or {}), "test_acc": s["test_acc"],
-                        "test_loss": s["test_loss"], "epochs": s["epochs"], "train_time_s": s["train_time_s"]})
-    return entries
+    return [{"name": name, **(s.get("kd") or {}), "test_acc": s["test_acc"], "test_loss": s["test_loss"],
+             "epochs": s["epochs"], "train_time_s": s["train_time_s"]}
+            for name, s in _kd_summaries(run_dir / VARIANTS_DIR)]
 
 
 def collect_sweep(run_dir: Path) -> list[dict[str, Any]]:
     """One entry per finished KD student under `<run_dir>/sweep/`, in name order."""
     entries = []
-    for path in sorted((run_dir / SWEEP_DIR).glob("*/student-kd/summary.json")):
-        s = json.loads(path.read_text())
+    for name, s in _kd_summaries(run_dir / SWEEP_DIR):
         kd = s.get("kd") or {}
         if "alpha" in kd and "temperature" in kd:
-            entries.append({"name": path.parents[1].name, "alpha": kd["alpha"], "temperature": kd["temperature"],
+            entries.append({"name": name, "alpha": kd["alpha"], "temperature": kd["temperature"],
                             "test_acc": s["test_acc"], "test_loss": s["test_loss"]})
     return entries
 

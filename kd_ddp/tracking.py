@@ -167,10 +167,13 @@ def cpu_name() -> str:
     return f"{name} ({os.cpu_count()} CPUs)"
 
 
+def device_name(env: DistEnv) -> str:
+    return torch.cuda.get_device_name(env.device) if env.device.type == "cuda" else cpu_name()
+
+
 def machine(env: DistEnv) -> str:
     """One line naming the hardware and software a stage ran on (kept in its summary)."""
-    device = torch.cuda.get_device_name(env.device) if env.device.type == "cuda" else cpu_name()
-    return f"{device}, {env.world_size} rank(s), torch {torch.__version__}"
+    return f"{device_name(env)}, {env.world_size} rank(s), torch {torch.__version__}"
 
 
 def system_facts(cfg: Config, env: DistEnv) -> dict[str, Any]:
@@ -178,10 +181,9 @@ def system_facts(cfg: Config, env: DistEnv) -> dict[str, Any]:
 
     dtype = amp_dtype(cfg, env.device)
     precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
-    cuda = env.device.type == "cuda"
     return {
         "device": str(env.device),
-        "device_name": torch.cuda.get_device_name(env.device) if cuda else cpu_name(),
+        "device_name": device_name(env),
         "world_size": env.world_size,
         "nodes": max(1, env.world_size // max(1, env.local_world_size)),
         "precision": precision,

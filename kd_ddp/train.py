@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import resource
 import signal
 import sys
 import threading
@@ -33,6 +32,7 @@ from kd_ddp.config import Config, describe_differences, fingerprint
 from kd_ddp.data import EvalLoader, PreparedData, TrainLoader
 from kd_ddp.distributed import DistEnv, all_reduce_sum, barrier
 from kd_ddp.models import build_model
+from kd_ddp.process_memory import rss_mb
 from kd_ddp.teacher_logits import LogitsCache, teacher_view_logits
 from kd_ddp.tracking import StageTracker, machine, start_stage
 
@@ -68,18 +68,6 @@ class StopRequest:
 
     def _handle(self, signum: int, frame: object) -> None:
         self.requested = True
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident memory so far (all stages it ran), in MB: VmHWM, since
-    ru_maxrss survives execve and would report the peak of a big parent (a benchmark driver)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return round(int(line.split()[1]) / 1024, 1)
-    except OSError:
-        pass
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # KiB on Linux
 
 
 # -- precision ------------------------------------------------------------------------
@@ -400,7 +388,7 @@ def train_stage(cfg: Config, env: DistEnv, data: PreparedData, stage: str) -> di
         "weights_hash": weights_hash(model.state_dict()),
         "fingerprint": fp_hash,
         "session_time_s": round(time.perf_counter() - stage_start, 3),
-        "peak_rss_mb": peak_rss_mb(),
+        "peak_rss_mb": round(rss_mb()[1], 1),  # of this process so far: all stages it ran
         "peak_cuda_mb": round(torch.cuda.max_memory_allocated(env.device) / 2**20, 1)
         if env.device.type == "cuda" else None,
     }
