@@ -29,12 +29,21 @@ def no_space(path: Path, needed: int | None = None) -> NoSpaceError:
     return NoSpaceError(f"no space left on device to write {path} ({need}{free / 1e6:.1f} MB free); {NO_SPACE_HINT}")
 
 
+def _short_write_on_full_disk(e: OSError, path: Path, size: int | None) -> bool:
+    # numpy's tofile reports a full disk as "N requested and M written" with no errno; the
+    # free-space check at entry misses it when something else fills the disk meanwhile.
+    # Checked before the temp file is removed, so the space it took still counts as used.
+    return e.errno is None and size is not None and shutil.disk_usage(path.parent).free < size
+
+
 @contextlib.contextmanager
 def atomic_output(path: Path, size: int | None = None) -> Iterator[Path]:
     """Yield a temp path beside `path` to write; then fsync it and rename it into place, so a
     reader sees the old file or the new one, never half. On any failure the temp file is
     removed, and a full disk becomes a NoSpaceError naming `path` (`size`: bytes it needed)."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    if size is not None and shutil.disk_usage(path.parent).free < size:
+        raise no_space(path, size)  # before writing a byte: the common case, and the cheapest
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         yield tmp
@@ -44,8 +53,9 @@ def atomic_output(path: Path, size: int | None = None) -> Iterator[Path]:
         finally:
             os.close(fd)
     except BaseException as e:
+        full = isinstance(e, OSError) and (e.errno == errno.ENOSPC or _short_write_on_full_disk(e, path, size))
         tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        if full:
             raise no_space(path, size) from None
         raise
     os.replace(tmp, path)

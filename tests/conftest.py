@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +41,20 @@ def fake_stage(run_dir: Path, stage: str, acc: float, kd: dict[str, Any] | None 
     summary = {"stage": stage, "test_acc": acc, "test_loss": 1.1, "epochs": 2, "train_time_s": 3.0,
                "images_per_s": 100.0} | ({"kd": kd} if kd else {}) | summary
     (d / "summary.json").write_text(json.dumps(summary))
+
+
+@contextlib.contextmanager
+def small_tmpfs(target: Path, size: str) -> Iterator[Path]:
+    """A real full-able filesystem: a tmpfs of `size` mounted on `target` (root only; else skip)."""
+    target.mkdir(parents=True, exist_ok=True)
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(target)],
+                           capture_output=True, text=True)
+    if mount.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mount.stderr.strip()}")
+    try:
+        yield target
+    finally:
+        subprocess.run(["umount", str(target)], check=True)
 
 
 @pytest.fixture(scope="session")

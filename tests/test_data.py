@@ -11,10 +11,12 @@ import pytest
 import torch
 from PIL import Image
 
+from kd_ddp.checkpoint import NoSpaceError, atomic_output
 from kd_ddp.config import load_config
 from kd_ddp.data import EvalLoader, TrainLoader, epoch_order, eval_indices, ffcv_available, prepare_data
 from kd_ddp.distributed import DistEnv
 from kd_ddp.sources import DataError, cifar_batches, imagefolder
+from tests.conftest import run_cli, small_tmpfs
 
 needs_ffcv = pytest.mark.skipif(not ffcv_available(), reason="FFCV not installed")
 
@@ -119,6 +121,31 @@ def test_truncated_prepared_file_is_rebuilt(tmp_path: Path) -> None:
         f.truncate(size // 2)
     again = prepare_data(cfg, DistEnv())
     assert again.file(victim.name).stat().st_size == size
+
+
+def test_prepare_on_a_full_disk_fails_clearly_and_leaves_no_file(tmp_path: Path) -> None:
+    with small_tmpfs(tmp_path / "cache", "64k") as cache:
+        proc = run_cli(["prepare-data", "--preset", "smoke", f"data.cache_dir={cache}", f"run.dir={tmp_path / 'run'}",
+                        "tracking.wandb.mode=disabled"], check=False)
+        files = sorted(p.name for p in cache.rglob("*") if p.is_file() and not p.name.endswith(".lock"))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "no space left on device to write" in proc.stderr and "MB needed" in proc.stderr
+    assert files == []
+
+
+def test_a_short_write_on_a_disk_that_filled_up_is_no_space(tmp_path: Path) -> None:
+    """numpy reports a full disk as "N requested and M written", without errno: when the disk
+    fills after the entry check (here: the declared size understates the write), it is still
+    a NoSpaceError and the temp file is gone; an errno-less error on a roomy disk stays itself."""
+    with small_tmpfs(tmp_path / "small", "64k") as small:
+        with (pytest.raises(NoSpaceError, match="no space left on device"),
+              atomic_output(small / "a.npy", size=32_000) as tmp, open(tmp, "wb") as f):
+            np.save(f, np.zeros(1_000_000, np.uint8))
+        assert list(small.iterdir()) == []
+    with pytest.raises(OSError, match="not a disk problem"), atomic_output(tmp_path / "b.npy", size=10) as tmp:
+        tmp.write_bytes(b"x")
+        raise OSError("not a disk problem")
+    assert list(tmp_path.glob("*.npy*")) == list(tmp_path.glob(".b.npy*")) == []
 
 
 @needs_ffcv

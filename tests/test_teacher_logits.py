@@ -15,7 +15,7 @@ from kd_ddp.data import prepare_data
 from kd_ddp.distributed import DistEnv
 from kd_ddp.teacher_logits import CacheError, check_cache
 from kd_ddp.train import load_trained_teacher
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, run_cli, small_tmpfs
 
 
 def _replay(run_dir: Path, cache_dir: Path, nproc: int) -> list[dict]:
@@ -116,16 +116,10 @@ def test_cache_on_a_full_disk_fails_clearly_and_leaves_nothing(cache_copy: Path,
     target = cache_copy / "teacher-logits"
     shutil.rmtree(target)
     target.mkdir()
-    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", str(target)],
-                           capture_output=True, text=True)
-    if mount.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here: {mount.stderr.strip()}")
-    try:
+    with small_tmpfs(target, "16k"):
         proc = run_cli(["cache-logits", "--preset", "smoke", f"run.dir={cache_copy}", f"data.cache_dir={cache_dir}",
                         "tracking.wandb.mode=disabled"], check=False)
         left = sorted(p.name for p in target.iterdir())
-    finally:
-        subprocess.run(["umount", str(target)], check=True)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert f"no space left on device to write {target}" in proc.stderr
     assert "MB needed" in proc.stderr
