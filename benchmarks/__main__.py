@@ -20,10 +20,10 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import ddp, kd_epoch, loader, memory, pipeline, train_step
+from benchmarks import ddp, kd_accuracy, kd_epoch, loader, memory, pipeline, train_step
 from kd_ddp.tracking import cpu_name
 
-ALL = ("loader", "train_step", "compute_limit", "kd_epoch", "ddp", "memory", "pipeline")
+ALL = ("loader", "train_step", "compute_limit", "kd_epoch", "kd_accuracy", "ddp", "memory", "pipeline")
 
 
 def machine() -> str:
@@ -68,6 +68,11 @@ def main() -> None:
                     kd_epoch.run("seed", [*data, "kd.views=2"], work / "kd-seed", repeats=args.repeats)]
             results["kd_epoch"] = rows
             md += ["### KD student epoch (50,000 images, batch 256)", "", kd_epoch.markdown(rows), ""]
+        if "kd_accuracy" in args.only:
+            results["kd_accuracy"] = kd_accuracy.run([f"data.root={args.data_root}", f"data.cache_dir={cache}"],
+                                                     work / "kd-accuracy")
+            md += ["### KD accuracy: cached logits vs live teacher (quick preset, 3 seeds)", "",
+                   kd_accuracy.markdown(results["kd_accuracy"]), ""]
         if "memory" in args.only:  # a fresh process: the peak is per process
             proc = subprocess.run([sys.executable, "-m", "benchmarks.memory", "--json"], check=True,
                                   capture_output=True, text=True)

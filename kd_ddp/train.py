@@ -287,7 +287,10 @@ def train_stage(cfg: Config, env: DistEnv, data: PreparedData, stage: str) -> di
     skipped = 0  # steps skipped for a non-finite loss
     for epoch in range(start_epoch, epochs):
         net.train()
-        view = epoch % cfg.kd.views if stage == "student-kd" else epoch
+        # The augmentation view of this epoch. Cached KD can only replay the kd.views views it
+        # has logits for; everything else (the live teacher too: the seed's way) sees a fresh
+        # view per epoch, so a live-vs-cached comparison measures what the reuse costs.
+        view = epoch % cfg.kd.views if stage == "student-kd" and cfg.kd.teacher == "cached" else epoch
         first = start_step if epoch == start_epoch else 0
         resumed = bool(first) and env.is_main
         t0 = time.perf_counter() - (partial["time_s"] if first else 0.0)
@@ -350,6 +353,7 @@ def train_stage(cfg: Config, env: DistEnv, data: PreparedData, stage: str) -> di
         test_loss, test_acc = evaluate(model, test_loader, env, mean, std, cfg, dtype)
         record = {
             "epoch": epoch + 1,
+            "view": view,
             # every step of the epoch skipped for a non-finite loss: no mean, the check below stops
             "train_loss": train_loss_sum / train_seen if train_seen else math.nan,
             "test_loss": test_loss,
