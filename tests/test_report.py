@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,7 @@ from PIL import Image
 
 from kd_ddp.config import load_config
 from kd_ddp.report import build_report
-from tests.conftest import fake_stage
+from tests.conftest import REPO, fake_stage
 
 NORMAL = (0.50, 0.52, 0.51)
 KD = (0.60, 0.63, 0.60)  # gaps 0.10, 0.11, 0.09: mean 0.10, std 0.01
@@ -68,3 +69,20 @@ def test_default_cell_is_outlined_on_the_heat_map(tmp_path: Path, report: tuple[
     without = Image.open(out / "kd_sweep.png").convert("RGB")
     red = lambda im: int(np.all(np.asarray(im).astype(int) * [1, -1, -1] > [200, -60, -60], axis=-1).sum())
     assert red(with_mark) > 100 and red(without) == 0
+
+
+def test_committed_results_regenerate(tmp_path: Path) -> None:
+    """`kd-ddp report --preset seed run.dir=results` rebuilds the published table and plots
+    from the committed files alone (no checkpoints, caches or W&B logs in results/)."""
+    committed = REPO / "results"
+    shutil.copytree(committed, tmp_path / "results", ignore=shutil.ignore_patterns("report"))
+    cfg = load_config("seed", [f"run.dir={tmp_path / 'results'}", "tracking.wandb.mode=disabled"])
+    build_report(cfg)
+    for name in ("report.md", "results.json"):
+        assert (tmp_path / "results" / "report" / name).read_text() == (committed / "report" / name).read_text(), name
+    pngs = sorted(p.name for p in (committed / "report").glob("*.png"))
+    assert {"test_acc.png", "final_accuracy.png"} <= set(pngs)
+    for name in pngs:  # pixels, not bytes: tolerate a font rasterizer's last bit
+        new = np.asarray(Image.open(tmp_path / "results" / "report" / name).convert("RGB"), dtype=np.float32)
+        old = np.asarray(Image.open(committed / "report" / name).convert("RGB"), dtype=np.float32)
+        assert new.shape == old.shape and np.abs(new - old).mean() < 1.0, name
