@@ -12,7 +12,6 @@ views). About 25 minutes on the 2-core dev CPU.
 
 from __future__ import annotations
 
-import statistics
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,9 @@ from kd_ddp.cli import cache_logits
 from kd_ddp.config import apply_overrides, from_dict, load_config
 from kd_ddp.data import prepare_data
 from kd_ddp.distributed import setup
+from kd_ddp.report import mean_std
 from kd_ddp.train import train_stage
+from launch.slurm import link
 
 MODES = ("cached", "live")
 
@@ -36,9 +37,7 @@ def run(data_overrides: list[str], work: Path, seeds: tuple[int, ...] = (0, 1, 2
         row: dict[str, Any] = {"seed": seed}
         for mode in MODES:
             run_dir = work / f"seed{seed}-{mode}"
-            run_dir.mkdir(parents=True, exist_ok=True)
-            if not (run_dir / "teacher").exists():
-                (run_dir / "teacher").symlink_to(base.run_dir.resolve() / "teacher")
+            link(run_dir / "teacher", base.run_dir / "teacher")
             cfg = apply_overrides(from_dict(base.to_dict()), [f"run.dir={run_dir}", f"seed={seed}",
                                                               f"kd.teacher={mode}"])
             if mode == "cached":
@@ -47,14 +46,11 @@ def run(data_overrides: list[str], work: Path, seeds: tuple[int, ...] = (0, 1, 2
             row[mode] = summary["test_acc"]
             row[f"{mode}_train_time_s"] = summary["train_time_s"]
         rows.append(row)
-    diffs = [r["cached"] - r["live"] for r in rows]
     return {
         "preset": "quick", "teacher_test_acc": teacher["test_acc"], "views": base.kd.views,
-        "student_epochs": base.optim.student_epochs, "rows": rows,
-        "mean": {m: statistics.mean(r[m] for r in rows) for m in MODES},
-        "std": {m: statistics.stdev(r[m] for r in rows) if len(rows) > 1 else 0.0 for m in MODES},
-        "cached_minus_live": {"mean": statistics.mean(diffs),
-                              "std": statistics.stdev(diffs) if len(diffs) > 1 else 0.0},
+        "student_epochs": base.epochs_for("student-kd"), "rows": rows,
+        **{m: mean_std([r[m] for r in rows]) for m in MODES},
+        "cached_minus_live": mean_std([r["cached"] - r["live"] for r in rows]),
     }
 
 
@@ -64,8 +60,8 @@ def markdown(r: dict[str, Any]) -> str:
     for row in r["rows"]:
         out.append(f"| {row['seed']} | {row['cached']:.4f} | {row['live']:.4f} | {row['cached'] - row['live']:+.4f} | "
                    f"{row['cached_train_time_s']:.0f} / {row['live_train_time_s']:.0f} |")
-    m, s, d = r["mean"], r["std"], r["cached_minus_live"]
-    out.append(f"| mean +- std | {m['cached']:.4f} +- {s['cached']:.4f} | {m['live']:.4f} +- {s['live']:.4f} | "
+    c, v, d = r["cached"], r["live"], r["cached_minus_live"]
+    out.append(f"| mean +- std | {c['mean']:.4f} +- {c['std']:.4f} | {v['mean']:.4f} +- {v['std']:.4f} | "
                f"{d['mean']:+.4f} +- {d['std']:.4f} | |")
     out += ["", f"Quick preset: teacher test accuracy {r['teacher_test_acc']:.4f}, {r['views']} cached views, "
             f"{r['student_epochs']} student epochs."]

@@ -104,7 +104,8 @@ def plot_bars(accs: dict[str, float], path: Path, errors: dict[str, float] | Non
     _save_fig(fig, path)
 
 
-def _stats(values: list[float]) -> dict[str, Any]:
+def mean_std(values: list[float]) -> dict[str, Any]:
+    """Mean, sample standard deviation (needs >= 2 values), count and the values."""
     return {"mean": statistics.fmean(values), "std": statistics.stdev(values), "n": len(values), "values": values}
 
 
@@ -122,9 +123,9 @@ def collect_seeds(run_dir: Path) -> dict[str, dict[str, Any]]:
             times.setdefault(key, []).append(r["summary"]["train_time_s"])
         if "student_kd" in runs and "student_normal" in runs:
             gaps.append(runs["student_kd"]["summary"]["test_acc"] - runs["student_normal"]["summary"]["test_acc"])
-    stats = {k: _stats(v) | {"train_time_s": statistics.fmean(times[k])} for k, v in samples.items() if len(v) >= 2}
+    stats = {k: mean_std(v) | {"train_time_s": statistics.fmean(times[k])} for k, v in samples.items() if len(v) >= 2}
     if len(gaps) >= 2:
-        stats["kd_minus_normal"] = _stats(gaps)
+        stats["kd_minus_normal"] = mean_std(gaps)
     return stats
 
 
