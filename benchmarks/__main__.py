@@ -38,8 +38,10 @@ def main() -> None:
     p.add_argument("--data-root", default="../shared/data/cifar10-jpeg.tar.gz")
     p.add_argument("--cache-dir", default="", help="data cache (default: a temp dir, so data is prepared anew)")
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--out", default=str(Path(__file__).parent), help="where results.md/json go")
     args = p.parse_args()
-    out_dir = Path(__file__).parent
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
     results: dict = {"machine": machine(), "date": datetime.date.today().isoformat()}
     md = [f"Machine: {results['machine']}. Date: {results['date']}.", ""]
     # The quick and seed presets' teachers; on a GPU also the wider w64 (too slow for a CPU run).

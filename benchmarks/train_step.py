@@ -1,7 +1,9 @@
 """Teacher training step: memory format x precision, and the distance to the compute limit.
 
 Step: the teacher's forward + CE + backward + SGD step on one in-memory batch, for
-fp32 NCHW (the plain way), fp32 channels_last, and channels_last + bf16 autocast.
+fp32 NCHW (the plain way), fp32 channels_last, and channels_last + bf16 autocast; on a CPU
+also torch.compile, on a GPU fp16 autocast instead (compiling there costs more device time
+than the whole check has).
 Compute limit: a real training epoch (loader, augmentation, logging: `train_stage`) vs the
 same number of optimizer steps on a batch already in memory.
 """
@@ -25,25 +27,40 @@ from kd_ddp.models import build_model
 from kd_ddp.train import train_stage
 
 # name -> (channels_last, autocast dtype, torch.compile)
-VARIANTS = {"fp32 NCHW": (False, None, False), "fp32 channels_last": (True, None, False),
-            "bf16 autocast + channels_last": (True, torch.bfloat16, False),
-            "fp32 channels_last + torch.compile": (True, None, True)}
+Variant = tuple[bool, torch.dtype | None, bool]
+CPU_VARIANTS: dict[str, Variant] = {
+    "fp32 NCHW": (False, None, False), "fp32 channels_last": (True, None, False),
+    "bf16 autocast + channels_last": (True, torch.bfloat16, False),
+    "fp32 channels_last + torch.compile": (True, None, True)}
+GPU_VARIANTS: dict[str, Variant] = {
+    "fp32 NCHW": (False, None, False), "fp32 channels_last": (True, None, False),
+    "bf16 autocast + channels_last": (True, torch.bfloat16, False),
+    "fp16 autocast + channels_last": (True, torch.float16, False)}
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def variants(device: torch.device) -> dict[str, Variant]:
+    return GPU_VARIANTS if device.type == "cuda" else CPU_VARIANTS
 
 
 def teacher_step(cfg: Config, channels_last: bool, dtype: torch.dtype | None, batch: int,
-                 compile: bool = False) -> Callable[[], None]:
+                 compile: bool = False, device: torch.device | None = None) -> Callable[[], None]:
     """One teacher training step (forward, CE, backward, SGD) on a fixed in-memory batch."""
+    device = device or torch.device("cpu")
     torch.manual_seed(0)
-    model = build_model(cfg, "teacher", 10)
+    model = build_model(cfg, "teacher", 10).to(device)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(memory_format=fmt)
     net = torch.compile(model) if compile else model
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
-    x = torch.randn(batch, 3, 32, 32).contiguous(memory_format=fmt)
-    y = torch.randint(0, 10, (batch,))
+    x = torch.randn(batch, 3, 32, 32, device=device).contiguous(memory_format=fmt)
+    y = torch.randint(0, 10, (batch,), device=device)
 
     def step() -> None:
-        with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             loss = F.cross_entropy(net(x).float(), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -52,28 +69,38 @@ def teacher_step(cfg: Config, channels_last: bool, dtype: torch.dtype | None, ba
     return step
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":  # kernels run asynchronously: stop the clock when they are done
+        torch.cuda.synchronize(device)
+
+
 def _step_time(cfg: Config, channels_last: bool, dtype: torch.dtype | None, steps: int, batch: int,
-               compile: bool = False) -> float:
-    step = teacher_step(cfg, channels_last, dtype, batch, compile)
-    for _ in range(3):  # warm-up: allocator, oneDNN primitives, and the compile itself
+               compile: bool = False, device: torch.device | None = None) -> float:
+    device = device or torch.device("cpu")
+    step = teacher_step(cfg, channels_last, dtype, batch, compile, device)
+    for _ in range(3):  # warm-up: allocator, oneDNN/cuDNN algorithm choice, and the compile itself
         step()
+    _sync(device)
     t0 = time.perf_counter()
     for _ in range(steps):
         step()
+    _sync(device)
     return (time.perf_counter() - t0) / steps
 
 
-def run_steps(models: list[list[str]], steps: int = 8, batch: int = 256, repeats: int = 3) -> list[dict[str, Any]]:
+def run_steps(models: list[list[str]], steps: int = 8, batch: int = 256, repeats: int = 3,
+              device: torch.device | None = None) -> list[dict[str, Any]]:
+    device = device or default_device()
     rows = []
     for overrides in models:
         cfg = load_config("quick", overrides)
-        samples: dict[str, list[float]] = {k: [] for k in VARIANTS}
+        samples: dict[str, list[float]] = {k: [] for k in variants(device)}
         for _ in range(repeats):  # interleaved
-            for name, (cl, dtype, comp) in VARIANTS.items():
-                samples[name].append(batch / _step_time(cfg, cl, dtype, steps, batch, comp))
+            for name, (cl, dtype, comp) in variants(device).items():
+                samples[name].append(batch / _step_time(cfg, cl, dtype, steps, batch, comp, device))
         med = {k: statistics.median(v) for k, v in samples.items()}
         rows.append({"model": f"{cfg.model.teacher} w{cfg.model.teacher_width}", "images_per_s": med,
-                     "samples": samples})
+                     "samples": samples, "device": str(device)})
     return rows
 
 
@@ -81,23 +108,25 @@ def run_compute_limit(archive: str, cache_dir: Path, work: Path, epochs: int = 2
     cfg = load_config("quick", [f"data.root={archive}", f"data.cache_dir={cache_dir}", f"run.dir={work}",
                                 f"optim.teacher_epochs={epochs}", "tracking.wandb.mode=disabled",
                                 "tracking.progress=false"])
-    env = DistEnv()
+    env = DistEnv(device=default_device())
     data = prepare_data(cfg, env)
     train_stage(cfg, env, data, "teacher")
     rows = [json.loads(x) for x in (work / "teacher" / "metrics.jsonl").read_text().splitlines()]
     epoch_s = statistics.median(r["epoch_time_s"] for r in rows[1:])  # after FFCV's JIT epoch
     steps = data.size("train") // cfg.optim.batch_size
-    limit_s = steps * _step_time(cfg, cfg.train.channels_last, None, 20, cfg.optim.batch_size)
+    limit_s = steps * _step_time(cfg, cfg.train.channels_last, None, 20, cfg.optim.batch_size,
+                                 device=env.device)
     return {"epoch_s": epoch_s, "limit_s": limit_s, "overhead": epoch_s / limit_s - 1, "steps": steps}
 
 
 def markdown(rows: list[dict[str, Any]], limit: dict[str, Any] | None) -> str:
-    out = ["| model | " + " | ".join(VARIANTS) + " | best vs fp32 NCHW (target >= 3x) |",
-           "|---|" + "---|" * (len(VARIANTS) + 1)]
+    names = list(rows[0]["images_per_s"]) if rows else list(CPU_VARIANTS)
+    out = ["| model | " + " | ".join(names) + " | best vs fp32 NCHW (target >= 3x) |",
+           "|---|" + "---|" * (len(names) + 1)]
     for r in rows:
         m = r["images_per_s"]
         base = m["fp32 NCHW"]
-        out.append(f"| {r['model']} | " + " | ".join(f"{m[k]:.0f} img/s ({m[k] / base:.2f}x)" for k in VARIANTS)
+        out.append(f"| {r['model']} | " + " | ".join(f"{m[k]:.0f} img/s ({m[k] / base:.2f}x)" for k in names)
                    + f" | {max(m.values()) / base:.2f}x |")
     if limit:
         out += ["", "| real teacher epoch (s) | same steps on an in-memory batch (s) | overhead (target <= 10%) |",

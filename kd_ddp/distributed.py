@@ -19,6 +19,9 @@ class DistEnv:
     local_rank: int = 0
     local_world_size: int = 1
     device: torch.device = torch.device("cpu")
+    # torchrun of one process still joins a process group (see setup)
+    group_of_one: bool = False
+    backend: str = "none"  # of the process group: nccl | gloo | none
 
     @property
     def is_main(self) -> bool:
@@ -26,7 +29,8 @@ class DistEnv:
 
     @property
     def distributed(self) -> bool:
-        return self.world_size > 1
+        """Whether collectives run (and the model is wrapped in DDP)."""
+        return self.world_size > 1 or self.group_of_one
 
 
 def available_cores() -> int:
@@ -56,11 +60,14 @@ def setup(cfg: Config) -> DistEnv:
     # Ranks sharing a node must split its cores, or they thrash each other.
     threads = cfg.train.threads or max(1, available_cores() // env.local_world_size)
     torch.set_num_threads(threads)
+    # Under torchrun even one process joins a group, so `--nproc_per_node=1` on a one-GPU
+    # machine runs the NCCL + DDP path of a multi-GPU job (a plain `kd-ddp` run stays group-free).
+    env.group_of_one = env.world_size == 1 and "TORCHELASTIC_RUN_ID" in os.environ
     if env.distributed and not dist.is_initialized():
         if cfg.optim.batch_size % env.world_size:
             raise ConfigError(f"optim.batch_size={cfg.optim.batch_size} is not divisible by "
                               f"the world size {env.world_size}")
-        backend = "nccl" if env.device.type == "cuda" else "gloo"
+        backend = env.backend = "nccl" if env.device.type == "cuda" else "gloo"
         if env.device.type == "cuda":
             torch.cuda.set_device(env.device)
         timeout = datetime.timedelta(minutes=60)

@@ -261,9 +261,9 @@ def train_stage(cfg: Config, env: DistEnv, data: PreparedData, stage: str) -> di
         out.mkdir(parents=True, exist_ok=True)
         # Drop epochs logged after the checkpoint we resume from: they will be redone.
         (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
-        log.info("%s: %d epochs x %d steps, global batch %d on %d rank(s), device %s, amp %s, loader %s",
-                 stage, epochs, len(loader), cfg.optim.batch_size, env.world_size, env.device,
-                 dtype or "off", cfg.data.loader)
+        log.info("%s: %d epochs x %d steps, global batch %d on %d rank(s) (process group: %s), device %s, "
+                 "amp %s, loader %s", stage, epochs, len(loader), cfg.optim.batch_size, env.world_size,
+                 env.backend, env.device, dtype or "off", cfg.data.loader)
 
     def save(epochs_done: int, step_in_epoch: int = 0, part: dict[str, float] | None = None) -> None:
         """Rank 0 writes the complete training state (atomically: see save_checkpoint)."""
@@ -386,6 +386,7 @@ def train_stage(cfg: Config, env: DistEnv, data: PreparedData, stage: str) -> di
         "train_time_s": round(sum(r["epoch_time_s"] + r.get("eval_time_s", 0.0) for r in history), 3),
         "images_per_s": round(sum(r["images_per_s"] for r in history) / len(history), 1),
         "world_size": env.world_size,
+        "backend": env.backend,
         "device": str(env.device),
         "machine": machine(env),
         "amp": str(dtype).replace("torch.", "") if dtype else "off",

@@ -58,6 +58,19 @@ def test_two_process_torchrun_pipeline(smoke_run_ddp: Path) -> None:
     assert manifest["world_size"] == 2
 
 
+def test_one_process_torchrun_trains_through_a_process_group(smoke_run: Path, cache_dir: Path,
+                                                            tmp_path: Path) -> None:
+    """`--nproc_per_node=1` (a one-GPU machine) runs DDP over a group of one, not the plain
+    path, and lands on the very weights of the plain one-process run."""
+    run_cli(["train-teacher", "--preset", "smoke", f"run.dir={tmp_path}", f"data.cache_dir={cache_dir}"],
+            torchrun=1)
+    group = json.loads((tmp_path / "teacher" / "summary.json").read_text())
+    plain = json.loads((smoke_run / "teacher" / "summary.json").read_text())
+    assert (group["backend"], group["world_size"]) == ("gloo", 1)
+    assert plain["backend"] == "none"
+    assert group["weights_hash"] == plain["weights_hash"]
+
+
 def _eval(run_dir: Path, cache_dir: Path, nproc: int) -> dict:
     args = ["smoke", f"run.dir={run_dir}", f"data.cache_dir={cache_dir}", "train.eval_batch_size=48"]
     worker = str(REPO / "tests" / "workers" / "eval_teacher.py")
