@@ -24,7 +24,7 @@ from kd_ddp.config import Config, load_config
 from kd_ddp.data import prepare_data
 from kd_ddp.distributed import DistEnv
 from kd_ddp.models import build_model
-from kd_ddp.train import train_stage
+from kd_ddp.train import amp_dtype, train_stage
 
 # name -> (channels_last, autocast dtype, torch.compile)
 Variant = tuple[bool, torch.dtype | None, bool]
@@ -114,8 +114,9 @@ def run_compute_limit(archive: str, cache_dir: Path, work: Path, epochs: int = 2
     rows = [json.loads(x) for x in (work / "teacher" / "metrics.jsonl").read_text().splitlines()]
     epoch_s = statistics.median(r["epoch_time_s"] for r in rows[1:])  # after FFCV's JIT epoch
     steps = data.size("train") // cfg.optim.batch_size
-    limit_s = steps * _step_time(cfg, cfg.train.channels_last, None, 20, cfg.optim.batch_size,
-                                 device=env.device)
+    # the precision the real epoch ran in (train.amp=auto: bf16 on a GPU, fp32 on this CPU)
+    limit_s = steps * _step_time(cfg, cfg.train.channels_last, amp_dtype(cfg, env.device), 20,
+                                 cfg.optim.batch_size, device=env.device)
     return {"epoch_s": epoch_s, "limit_s": limit_s, "overhead": epoch_s / limit_s - 1, "steps": steps}
 
 

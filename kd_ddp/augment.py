@@ -63,9 +63,21 @@ def augment(images: torch.Tensor, indices: torch.Tensor | np.ndarray, *, seed: i
     """View `view` of the samples `indices`: NHWC uint8 in, NHWC uint8 out."""
     idx = indices.cpu().numpy() if isinstance(indices, torch.Tensor) else np.asarray(indices)
     dy, dx, fl = crop_flip_params(seed, view, idx, padding, flip)
-    dev = images.device
-    return crop_flip(images, torch.from_numpy(dy).to(dev), torch.from_numpy(dx).to(dev),
-                     torch.from_numpy(fl).to(dev), padding)
+    params = to_device(torch.from_numpy(np.stack([dy, dx, fl.astype(np.int64)])), images.device)
+    return crop_flip(images, params[0], params[1], params[2].bool(), padding)
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host tensor onto `device` without stalling the host.
+
+    A copy from pageable memory to a GPU waits for everything queued on the stream, so a
+    per-batch copy would stall the training loop once per step; from pinned memory it is
+    queued behind the step like a kernel (the caching host allocator keeps the pinned block
+    until the copy has run).
+    """
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,

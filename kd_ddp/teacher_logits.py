@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from kd_ddp.augment import augment, normalize
+from kd_ddp.augment import augment, normalize, to_device
 from kd_ddp.checkpoint import NoSpaceError, atomic_write_json, reserve_space
 from kd_ddp.config import Config, describe_differences
 from kd_ddp.data import EvalLoader, PreparedData
@@ -106,7 +106,7 @@ class LogitsCache:
         self.views = cfg.kd.views
 
     def lookup(self, view: int, indices: torch.Tensor) -> torch.Tensor:
-        return self.table[view % self.views, indices.to(self.table.device)]
+        return self.table[view % self.views, to_device(indices, self.table.device)]
 
 
 @torch.no_grad()

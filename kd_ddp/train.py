@@ -143,16 +143,18 @@ def evaluate(model: nn.Module, loader: EvalLoader, env: DistEnv, mean: torch.Ten
              cfg: Config, dtype: torch.dtype | None) -> tuple[float, float]:
     """(mean CE loss, accuracy) over the whole split: each rank its shard, then summed."""
     model.eval()
-    loss_sum = correct = count = 0.0
+    # summed on the device and read once: a read per batch would stall a GPU per batch
+    sums = torch.zeros(2, dtype=torch.float64, device=env.device)  # loss, correct
+    count = 0
     for images, labels, _ in loader:
         x = normalize(images, mean, std, cfg.train.channels_last)
         with torch.autocast(env.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             logits = model(x).float()
-        loss_sum += nn.functional.cross_entropy(logits, labels, reduction="sum").item()
-        correct += (logits.argmax(1) == labels).sum().item()
+        sums[0] += nn.functional.cross_entropy(logits, labels, reduction="sum").double()
+        sums[1] += (logits.argmax(1) == labels).sum()
         count += len(labels)
-    loss_sum, correct, count = all_reduce_sum([loss_sum, correct, count], env)
-    return loss_sum / count, correct / count
+    loss_sum, correct, total = all_reduce_sum([*sums.tolist(), float(count)], env)
+    return loss_sum / total, correct / total
 
 
 # -- one stage ------------------------------------------------------------------------
