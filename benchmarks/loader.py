@@ -21,10 +21,11 @@ from typing import Any
 
 import torch
 
+from benchmarks.train_step import sync
 from kd_ddp.augment import augment, normalize
 from kd_ddp.config import load_config
 from kd_ddp.data import TrainLoader, prepare_data
-from kd_ddp.distributed import DistEnv, available_cores
+from kd_ddp.distributed import DistEnv, available_cores, pick_device
 from kd_ddp.sources import extract_archive
 
 
@@ -33,12 +34,11 @@ def _rate(make_iter: Callable[[], Iterator[Any]], batches: int, warmup: int, bat
     it = make_iter()
     for _ in range(warmup):
         next(it)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    sync()
+    sync(device)
     t0 = time.perf_counter()
     for _ in range(batches):
         next(it)
-    sync()
+    sync(device)
     return batches * batch_size / (time.perf_counter() - t0)
 
 
@@ -47,7 +47,7 @@ def run(archive: str, cache_dir: Path, batch_size: int = 256, batches: int = 60,
 
     cfg = load_config("quick", [f"data.root={archive}", f"data.cache_dir={cache_dir}",
                                 f"optim.batch_size={batch_size}"])
-    env = DistEnv(device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    env = DistEnv(device=pick_device("auto", 0))
     data = prepare_data(cfg, env)
     mean, std = data.stats(env.device)
     loader = TrainLoader(cfg, data, env)

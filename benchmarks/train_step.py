@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from kd_ddp.config import Config, load_config
 from kd_ddp.data import prepare_data
-from kd_ddp.distributed import DistEnv
+from kd_ddp.distributed import DistEnv, pick_device
 from kd_ddp.models import build_model
 from kd_ddp.train import amp_dtype, train_stage
 
@@ -36,10 +36,6 @@ GPU_VARIANTS: dict[str, Variant] = {
     "fp32 NCHW": (False, None, False), "fp32 channels_last": (True, None, False),
     "bf16 autocast + channels_last": (True, torch.bfloat16, False),
     "fp16 autocast + channels_last": (True, torch.float16, False)}
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def variants(device: torch.device) -> dict[str, Variant]:
@@ -69,7 +65,7 @@ def teacher_step(cfg: Config, channels_last: bool, dtype: torch.dtype | None, ba
     return step
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
     if device.type == "cuda":  # kernels run asynchronously: stop the clock when they are done
         torch.cuda.synchronize(device)
 
@@ -80,17 +76,17 @@ def _step_time(cfg: Config, channels_last: bool, dtype: torch.dtype | None, step
     step = teacher_step(cfg, channels_last, dtype, batch, compile, device)
     for _ in range(3):  # warm-up: allocator, oneDNN/cuDNN algorithm choice, and the compile itself
         step()
-    _sync(device)
+    sync(device)
     t0 = time.perf_counter()
     for _ in range(steps):
         step()
-    _sync(device)
+    sync(device)
     return (time.perf_counter() - t0) / steps
 
 
 def run_steps(models: list[list[str]], steps: int = 8, batch: int = 256, repeats: int = 3,
               device: torch.device | None = None) -> list[dict[str, Any]]:
-    device = device or default_device()
+    device = device or pick_device("auto", 0)
     rows = []
     for overrides in models:
         cfg = load_config("quick", overrides)
@@ -108,7 +104,7 @@ def run_compute_limit(archive: str, cache_dir: Path, work: Path, epochs: int = 2
     cfg = load_config("quick", [f"data.root={archive}", f"data.cache_dir={cache_dir}", f"run.dir={work}",
                                 f"optim.teacher_epochs={epochs}", "tracking.wandb.mode=disabled",
                                 "tracking.progress=false"])
-    env = DistEnv(device=default_device())
+    env = DistEnv(device=pick_device("auto", 0))
     data = prepare_data(cfg, env)
     train_stage(cfg, env, data, "teacher")
     rows = [json.loads(x) for x in (work / "teacher" / "metrics.jsonl").read_text().splitlines()]
