@@ -24,6 +24,17 @@ fi
 [ -x "$VENV/bin/python" ] || python3.11 -m venv "$VENV" 2>/dev/null || python3 -m venv "$VENV"
 stamp="$VENV/.kd-ddp-installed"
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+    # torch 2.14.1 for x86_64 on PyPI is a CUDA build: with its nvidia-* wheels the venv
+    # takes ~6.2 GB (measured: torch 1.2, nvidia 3.2, triton 0.9). pip on a full disk dies
+    # minutes in with a bare ENOSPC and a half-installed venv, so refuse up front instead.
+    need_mb=${KD_DDP_SETUP_NEED_MB:-6600}
+    if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
+        free_mb=$(df -Pm "$VENV" | awk 'NR==2 {print $4}')
+        if [ "$free_mb" -lt "$need_mb" ]; then
+            echo "setup: $free_mb MB free under $VENV, the install needs ~$need_mb MB (torch is a CUDA build); free some space or set VENV=/a/roomier/path" >&2
+            exit 1
+        fi
+    fi
     "$VENV/bin/pip" install -q --upgrade pip
     # torch first, alone: with torch==2.14.1 pinned pip takes the wheel from the local disk.
     "$VENV/bin/pip" install -q torch==2.14.1 torchvision==0.29.1
