@@ -13,10 +13,15 @@ Two optional layouts under the run dir are picked up when present:
 - KD sweep: `<run_dir>/sweep/<name>/student-kd/summary.json`, whose `kd` holds the
   `alpha` and `temperature` it was trained with. With >= 2 distinct (alpha, T) settings
   the report adds a sweep table and an alpha x temperature heat map of the final test
-  accuracy (`kd_sweep.png`; repeated settings are averaged), with the config's own
-  (alpha, T) outlined.
+  accuracy (`kd_sweep.png`; repeated settings are averaged), with the run dir's own KD
+  student's (alpha, T) outlined (the config's when it has none).
 - Variants: `<run_dir>/variants/<name>/student-kd/summary.json`, KD students trained another
   way with the same teacher (e.g. `kd.teacher=live`), listed in a table of their own.
+
+What a run was trained with is read from its summary.json, not from the config the report
+is built with: the header's KD settings (alpha, T, cached or live teacher, views, cache
+dtype, precision), the sweep's and the variants'. Older summaries that lack a key leave it
+out of the text.
 
 Members of both layouts share the run dir's W&B group (kd_ddp/tracking.py). When W&B
 tracking is on, the PNGs are also logged to a `report` run of that group.
@@ -228,6 +233,44 @@ def sweep_table(entries: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def kd_facts(summary: dict[str, Any]) -> dict[str, Any]:
+    """How a KD student was trained, from its summary.json: alpha, temperature, teacher
+    (cached | live), views, cache_dtype and amp (its precision); what an older summary does
+    not record is left out."""
+    kd = summary.get("kd") or {}
+    facts = {k: kd[k] for k in ("alpha", "temperature", "teacher", "views", "cache_dtype") if k in kd}
+    return facts | ({"amp": summary["amp"]} if "amp" in summary else {})
+
+
+def precision(amp: str) -> str:
+    """A summary's `amp` ("off", "bfloat16", "float16") in words."""
+    return "fp32" if amp == "off" else f"{amp} autocast"
+
+
+def kd_sentence(kd: dict[str, Any]) -> str:
+    """`alpha=0.5, T=4.0, teacher logits cached (8 views, float16), precision fp32`, from what
+    `kd_facts` found."""
+    parts = [f"{name}={kd[key]}" for key, name in (("alpha", "alpha"), ("temperature", "T")) if key in kd]
+    if "teacher" in kd:
+        cache = [f"{kd['views']} views" if "views" in kd else "", kd.get("cache_dtype", "")]
+        detail = ", ".join(c for c in cache if c) if kd["teacher"] == "cached" else ""
+        parts.append(f"teacher logits {kd['teacher']}" + (f" ({detail})" if detail else ""))
+    if "amp" in kd:
+        parts.append(f"precision {precision(kd['amp'])}")
+    return ", ".join(parts)
+
+
+def _header(cfg: Config, results: dict[str, Any]) -> list[str]:
+    """Title and the line saying how the runs were made: the KD student's settings come from
+    its summary, so a report rebuilt under another config still says what was trained."""
+    data = Path(cfg.data.root).name if cfg.data.root else f"{cfg.data.source} data"
+    line = f"Preset `{cfg.preset}`, seed {cfg.seed}."
+    kd = results.get("student_kd", {}).get("kd")
+    if kd:
+        line += f" KD student: {kd_sentence(kd)}."
+    return [f"# Knowledge distillation on {data}: teacher vs students", "", line, ""]
+
+
 def _results(cfg: Config, runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
     results: dict[str, Any] = {}
     for key, r in runs.items():
@@ -236,8 +279,13 @@ def _results(cfg: Config, runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
                         "train_time_s": s["train_time_s"], "images_per_s": s["images_per_s"]}
     if "student_kd" in results and "student_normal" in results:
         results["kd_minus_normal"] = results["student_kd"]["test_acc"] - results["student_normal"]["test_acc"]
-    results["config"] = {"preset": cfg.preset, "seed": cfg.seed, "alpha": cfg.kd.alpha,
-                         "temperature": cfg.kd.temperature, "kd_teacher": cfg.kd.teacher}
+    kd = kd_facts(runs["student_kd"]["summary"]) if "student_kd" in runs else {}
+    if kd:
+        results["student_kd"]["kd"] = kd
+    # alpha, T and the teacher as the KD student was trained; the config's only without one
+    results["config"] = {"preset": cfg.preset, "seed": cfg.seed, "alpha": kd.get("alpha", cfg.kd.alpha),
+                         "temperature": kd.get("temperature", cfg.kd.temperature),
+                         "kd_teacher": kd.get("teacher", cfg.kd.teacher)}
     cache_manifest = cfg.run_dir / "teacher-logits" / "manifest.json"
     if cache_manifest.is_file():
         m = json.loads(cache_manifest.read_text())
@@ -246,8 +294,9 @@ def _results(cfg: Config, runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return results
 
 
-def _plots(cfg: Config, runs: dict[str, dict[str, Any]], results: dict[str, Any], out: Path) -> dict[str, Path]:
-    """Write the PNGs; {name: path} of those written, in report order."""
+def _plots(runs: dict[str, dict[str, Any]], results: dict[str, Any], out: Path) -> dict[str, Path]:
+    """Write the PNGs; {name: path} of those written, in report order. The heat map outlines
+    the run dir's own KD student's (alpha, T) (the config's when it has none)."""
     written: dict[str, Path] = {}
     if runs:
         for metric, ylabel in (("test_acc", "test accuracy"), ("train_loss", "train loss")):
@@ -262,7 +311,7 @@ def _plots(cfg: Config, runs: dict[str, dict[str, Any]], results: dict[str, Any]
         written["final_accuracy"] = out / "final_accuracy.png"
     sweep = results.get("sweep", [])
     if len({(e["alpha"], e["temperature"]) for e in sweep}) >= 2:
-        plot_sweep(sweep, out / "kd_sweep.png", default=(cfg.kd.alpha, cfg.kd.temperature))
+        plot_sweep(sweep, out / "kd_sweep.png", default=(results["config"]["alpha"], results["config"]["temperature"]))
         written["kd_sweep"] = out / "kd_sweep.png"
     return written
 
@@ -284,12 +333,8 @@ def build_report(cfg: Config) -> dict[str, Any]:
         raise FileNotFoundError(f"no finished runs under {run_dir}: train them first")
 
     out.mkdir(parents=True, exist_ok=True)
-    images = _plots(cfg, runs, results, out)
-    data = Path(cfg.data.root).name if cfg.data.root else f"{cfg.data.source} data"
-    lines = [f"# Knowledge distillation on {data}: teacher vs students", "",
-             f"Preset `{cfg.preset}`, seed {cfg.seed}, KD alpha={cfg.kd.alpha}, T={cfg.kd.temperature}, "
-             f"teacher logits {cfg.kd.teacher}.", ""]
-    lines += accuracy_table(results) + [""]
+    images = _plots(runs, results, out)
+    lines = _header(cfg, results) + accuracy_table(results) + [""]
     if results["machines"]:
         lines += [f"Machine: {'; '.join(results['machines'])}.", ""]
     cache = results.get("teacher_logits_cache")

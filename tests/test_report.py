@@ -61,14 +61,43 @@ def test_variants_and_sweep_are_reported(report: tuple[Path, dict]) -> None:
 
 
 def test_default_cell_is_outlined_on_the_heat_map(tmp_path: Path, report: tuple[Path, dict]) -> None:
-    """The heat map with the default (0.5, 4) in the grid differs from one whose default is not in it."""
+    """The run dir's own KD student (0.5, 4) is outlined on the heat map, whatever the config
+    the report is built with says; a KD student whose setting is not in the grid gives none."""
     out, _ = report
-    with_mark = Image.open(out / "kd_sweep.png").convert("RGB")
+    red = lambda: int(np.all(np.asarray(Image.open(out / "kd_sweep.png").convert("RGB")).astype(int) * [1, -1, -1]
+                             > [200, -60, -60], axis=-1).sum())
+    assert red() > 100
     cfg = load_config("smoke", [f"run.dir={out.parent}", "tracking.wandb.mode=disabled", "kd.alpha=0.3"])
     build_report(cfg)
-    without = Image.open(out / "kd_sweep.png").convert("RGB")
-    red = lambda im: int(np.all(np.asarray(im).astype(int) * [1, -1, -1] > [200, -60, -60], axis=-1).sum())
-    assert red(with_mark) > 100 and red(without) == 0
+    assert red() > 100
+    summary = out.parent / "student-kd" / "summary.json"
+    summary.write_text(json.dumps(json.loads(summary.read_text()) | {"kd": {"alpha": 0.3, "temperature": 4.0}}))
+    build_report(cfg)
+    assert red() == 0
+
+
+def test_header_says_how_the_kd_student_was_trained_not_what_the_config_says(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    fake_stage(run_dir, "teacher", 0.8)
+    fake_stage(run_dir, "student-kd", 0.6, {"alpha": 0.5, "temperature": 4.0, "teacher": "cached", "views": 8,
+                                            "cache_dtype": "float16"}, amp="bfloat16")
+    cfg = load_config("smoke", [f"run.dir={run_dir}", "tracking.wandb.mode=disabled", "kd.alpha=0.9",
+                                "kd.temperature=2", "kd.teacher=live", "kd.views=3", "train.amp=off"])
+    results = build_report(cfg)
+    md = (run_dir / "report" / "report.md").read_text()
+    assert ("Preset `smoke`, seed 0. KD student: alpha=0.5, T=4.0, teacher logits cached (8 views, float16), "
+            "precision bfloat16 autocast.\n") in md
+    assert results["config"] | results["student_kd"]["kd"] == {
+        "preset": "smoke", "seed": 0, "alpha": 0.5, "temperature": 4.0, "kd_teacher": "cached", "teacher": "cached",
+        "views": 8, "cache_dtype": "float16", "amp": "bfloat16"}
+    # a summary from before views, cache_dtype and amp were recorded: those are left out
+    summary = run_dir / "student-kd" / "summary.json"
+    summary.write_text(json.dumps(json.loads(summary.read_text()) | {"kd": {"alpha": 0.1, "temperature": 8.0,
+                                                                           "teacher": "live"}}))
+    summary.write_text(json.dumps({k: v for k, v in json.loads(summary.read_text()).items() if k != "amp"}))
+    build_report(cfg)
+    md = (run_dir / "report" / "report.md").read_text()
+    assert "Preset `smoke`, seed 0. KD student: alpha=0.1, T=8.0, teacher logits live.\n" in md
 
 
 def test_committed_results_regenerate(tmp_path: Path) -> None:
