@@ -8,6 +8,7 @@ import hashlib
 import io
 import json
 import os
+import secrets
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -44,7 +45,9 @@ def atomic_output(path: Path, size: int | None = None) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     if size is not None and shutil.disk_usage(path.parent).free < size:
         raise no_space(path, size)  # before writing a byte: the common case, and the cheapest
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    # Unique across hosts, not just processes: ranks on two nodes can share a PID (PID namespaces,
+    # containers) and a run dir on shared storage.
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}-{secrets.token_hex(6)}")
     try:
         yield tmp
         fd = os.open(tmp, os.O_RDONLY)
