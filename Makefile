@@ -5,7 +5,7 @@ RUN_DIR ?= runs/quick
 ARCHIVE ?= ../shared/data/cifar10-jpeg.tar.gz
 PYTEST_ARGS ?=
 
-.PHONY: setup run test lint bench clean
+.PHONY: setup run test test-fast lint bench clean
 
 setup:
 	@bash scripts/setup.sh
@@ -15,6 +15,10 @@ run: setup
 
 test: setup
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+# The in-process unit tests only (marker `fast`, see tests/conftest.py): < 2 minutes.
+test-fast: setup
+	$(VENV)/bin/python -m pytest -m fast $(PYTEST_ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check kd_ddp launch tests benchmarks

@@ -1,4 +1,14 @@
-"""Shared fixtures: small synthetic data sets made in the test, never downloaded."""
+"""Shared fixtures: small synthetic data sets made in the test, never downloaded.
+
+Test tiers. `make test` (what CI runs) runs every test. `make test-fast` (`pytest -m fast`)
+runs only the tests marked `fast`, in well under 2 minutes on the 2-core dev machine: unit
+tests that run in the pytest process. A fast test starts no subprocess (no `run_cli`, no
+torchrun, no Slurm) and uses no fixture that runs the pipeline (`smoke_run`, ...), and
+takes a few seconds at most. To put a test in the fast tier, decorate it with
+`@pytest.mark.fast`, or write `pytestmark = pytest.mark.fast` at the top of a module whose
+tests all qualify (tests/test_config.py). A fast test that breaks the rule fails, naming
+what it started (the guards below), instead of slowing the tier down unnoticed.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +25,35 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_ARCHIVE = REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
+
+# Fixtures that run a whole pipeline (or a cluster): never in a fast test.
+PIPELINE_FIXTURES = {"smoke_run", "smoke_run_ddp", "pipeline", "pipeline_run", "slurm_env", "multinode_cluster"}
+_running_fast_test: list[str] = []  # the node id of the fast test running now, if one is
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    slow = [f"{item.nodeid} (uses {', '.join(sorted(PIPELINE_FIXTURES & set(item.fixturenames)))})"
+            for item in items if item.get_closest_marker("fast") and PIPELINE_FIXTURES & set(item.fixturenames)]
+    if slow:
+        raise pytest.UsageError("tests marked fast must not run the pipeline: " + "; ".join(slow))
+
+
+def _no_subprocess_in_fast_tests(event: str, args: tuple[Any, ...]) -> None:
+    """Audit hook: a fast test that starts a program fails (fork()ed workers, as FFCV's, are fine)."""
+    if event == "subprocess.Popen" and _running_fast_test:
+        raise RuntimeError(f"{_running_fast_test[0]} is marked fast but starts {args[1]!r}: "
+                           "drop its fast marker (tests/conftest.py)")
+
+
+sys.addaudithook(_no_subprocess_in_fast_tests)
+
+
+@pytest.fixture(autouse=True)
+def _fast_test_guard(request: pytest.FixtureRequest) -> Iterator[None]:
+    if request.node.get_closest_marker("fast"):
+        _running_fast_test.append(request.node.nodeid)
+    yield
+    _running_fast_test.clear()
 
 
 def run_cli(args: list[str], *, torchrun: int = 0, env: dict[str, str] | None = None,

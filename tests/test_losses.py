@@ -8,6 +8,8 @@ import torch.nn.functional as F
 
 from kd_ddp.losses import kd_loss, mse_onehot_loss, teacher_loss
 
+pytestmark = pytest.mark.fast  # in-process unit tests (tests/conftest.py)
+
 
 def _softmax(xs: list[float]) -> list[float]:
     m = max(xs)
