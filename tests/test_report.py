@@ -14,6 +14,8 @@ from kd_ddp.config import load_config
 from kd_ddp.report import build_report
 from tests.conftest import REPO, fake_stage
 
+pytestmark = pytest.mark.fast  # in-process unit tests (tests/conftest.py)
+
 NORMAL = (0.50, 0.52, 0.51)
 KD = (0.60, 0.63, 0.60)  # gaps 0.10, 0.11, 0.09: mean 0.10, std 0.01
 
