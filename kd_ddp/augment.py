@@ -4,6 +4,13 @@ Each sample's crop offset and flip come from a counter-based hash of (seed, view
 index), not from any RNG state, so the exact pixels of any view of any sample can be
 produced again at any time, on any rank, in any batch order. The teacher-logits cache and
 exact resume both depend on that.
+
+The hash (splitmix64) runs as torch ops on whatever device holds the batch's indices: with
+device-resident data (`data.loader=device`) the indices, the parameters and the pixels never
+leave the GPU. torch has no unsigned 64-bit shifts or remainders, so the 64-bit words are
+kept in int64 tensors: multiplication and xor give the same bits either way (wrap-around
+is the point of the hash), and the two operations that differ, right shift and remainder,
+are written out for unsigned words below.
 """
 
 from __future__ import annotations
@@ -12,34 +19,57 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-_M1 = np.uint64(0xBF58476D1CE4E5B9)
-_M2 = np.uint64(0x94D049BB133111EB)
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_U64 = (1 << 64) - 1
+_M1 = 0xBF58476D1CE4E5B9
+_M2 = 0x94D049BB133111EB
+_GOLDEN = 0x9E3779B97F4A7C15
 
 
-def _splitmix64(x: np.ndarray) -> np.ndarray:
-    # Wrap-around multiplication is the point of the hash.
-    with np.errstate(over="ignore"):
-        x = (x ^ (x >> np.uint64(30))) * _M1
-        x = (x ^ (x >> np.uint64(27))) * _M2
-        return x ^ (x >> np.uint64(31))
+def _signed(word: int) -> int:
+    """A 64-bit word as the int64 with the same bits (torch scalars must fit in int64)."""
+    word &= _U64
+    return word - (1 << 64) if word >> 63 else word
 
 
-def sample_hash(seed: int, view: int, indices: np.ndarray) -> np.ndarray:
-    """A uniformly distributed uint64 per sample, a pure function of (seed, view, index)."""
-    with np.errstate(over="ignore"):
-        key = _splitmix64(np.array([seed], dtype=np.uint64) * _GOLDEN + np.uint64(view))
-        return _splitmix64(np.asarray(indices, dtype=np.uint64) * _GOLDEN ^ key)
+def _shr(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Logical (unsigned) right shift of int64-held words: the arithmetic shift, sign bits masked off."""
+    return (x >> k) & ((1 << (64 - k)) - 1)
 
 
-def crop_flip_params(seed: int, view: int, indices: np.ndarray, padding: int,
-                     flip: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per-sample (dy, dx, flipped): crop offsets in [0, 2*padding] and a flip bit."""
+def _urem(x: torch.Tensor, m: int) -> torch.Tensor:
+    """Unsigned remainder x mod m (small m) of int64-held words, from their two 32-bit halves."""
+    hi, lo = _shr(x, 32), x & 0xFFFFFFFF
+    return ((hi % m) * ((1 << 32) % m) + lo) % m
+
+
+def _splitmix64(x: torch.Tensor) -> torch.Tensor:
+    x = (x ^ _shr(x, 30)) * _signed(_M1)
+    x = (x ^ _shr(x, 27)) * _signed(_M2)
+    return x ^ _shr(x, 31)
+
+
+def _splitmix64_word(x: int) -> int:
+    """The same finalizer on one Python int (exact arithmetic, masked to 64 bits)."""
+    x &= _U64
+    x = ((x ^ (x >> 30)) * _M1) & _U64
+    x = ((x ^ (x >> 27)) * _M2) & _U64
+    return x ^ (x >> 31)
+
+
+def sample_hash(seed: int, view: int, indices: torch.Tensor) -> torch.Tensor:
+    """A uniformly distributed 64-bit word per sample (in int64), a pure function of (seed, view, index)."""
+    key = _splitmix64_word(seed * _GOLDEN + view)
+    return _splitmix64((indices.to(torch.int64) * _signed(_GOLDEN)) ^ _signed(key))
+
+
+def crop_flip_params(seed: int, view: int, indices: torch.Tensor, padding: int,
+                     flip: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-sample (dy, dx, flipped), on the indices' device: crop offsets in [0, 2*padding], a flip bit."""
     h = sample_hash(seed, view, indices)
-    span = np.uint64(2 * padding + 1)
-    dy = (h % span).astype(np.int64)
-    dx = ((h >> np.uint64(20)) % span).astype(np.int64)
-    flipped = ((h >> np.uint64(40)) & np.uint64(1)).astype(bool) if flip else np.zeros(len(h), bool)
+    span = 2 * padding + 1
+    dy = _urem(h, span)
+    dx = _shr(h, 20) % span
+    flipped = (_shr(h, 40) & 1).bool() if flip else torch.zeros_like(h, dtype=torch.bool)
     return dy, dx, flipped
 
 
@@ -60,22 +90,21 @@ def crop_flip(images: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, flipped:
 
 def augment(images: torch.Tensor, indices: torch.Tensor | np.ndarray, *, seed: int, view: int,
             padding: int, flip: bool) -> torch.Tensor:
-    """View `view` of the samples `indices`: NHWC uint8 in, NHWC uint8 out."""
-    idx = indices.cpu().numpy() if isinstance(indices, torch.Tensor) else np.asarray(indices)
-    dy, dx, fl = crop_flip_params(seed, view, idx, padding, flip)
-    params = to_device(torch.from_numpy(np.stack([dy, dx, fl.astype(np.int64)])), images.device)
-    return crop_flip(images, params[0], params[1], params[2].bool(), padding)
+    """View `view` of the samples `indices`: NHWC uint8 in, NHWC uint8 out, on the images' device."""
+    idx = indices if isinstance(indices, torch.Tensor) else torch.from_numpy(np.asarray(indices))
+    dy, dx, fl = crop_flip_params(seed, view, to_device(idx, images.device), padding, flip)
+    return crop_flip(images, dy, dx, fl, padding)
 
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A small host tensor onto `device` without stalling the host.
+    """A small tensor onto `device` without stalling the host (a no-op when it is there already).
 
     A copy from pageable memory to a GPU waits for everything queued on the stream, so a
     per-batch copy would stall the training loop once per step; from pinned memory it is
     queued behind the step like a kernel (the caching host allocator keeps the pinned block
     until the copy has run).
     """
-    if device.type != "cuda":
+    if t.device == device or device.type != "cuda":
         return t.to(device)
     return t.pin_memory().to(device, non_blocking=True)
 

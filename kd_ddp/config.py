@@ -33,7 +33,10 @@ class DataConfig:
     # ~/.cache/kd-ddp. Must be on a shared filesystem for multi-node runs.
     cache_dir: str = ""
     image_size: int = 32
-    loader: str = "ffcv"  # ffcv | torch (in-memory arrays, no FFCV needed)
+    # auto | ffcv | torch (arrays in host memory, no FFCV needed) | device (arrays held on the
+    # training device, no copy per step). auto: device on a GPU when the data fits, else ffcv
+    # when installed, else torch (kd_ddp/data.py resolve_loader).
+    loader: str = "auto"
     num_workers: int = 0  # FFCV decode threads; 0 = the cores this rank owns
     crop_padding: int = 4  # random-crop padding in pixels (0 = no crop)
     flip: bool = True
@@ -92,6 +95,10 @@ class TrainConfig:
     eval_batch_size: int = 1024
     # Steps whose loss is NaN/inf are skipped (no update) up to this many per stage; 0 = stop at the first.
     nonfinite_skip_limit: int = 0
+    # The host reads the step flags (non-finite losses, SIGTERM) every this many steps; the
+    # steps between never wait for the device. 0 = auto: 1 on a CPU (a read costs nothing
+    # there), 50 on a GPU. A SIGTERM stops the run at the next such read.
+    check_every: int = 0
 
 
 @dataclass
@@ -210,6 +217,22 @@ def _preset_seed(cfg: Config) -> None:
     cfg.optim.teacher_epochs = 20
 
 
+def _preset_seed_gpu(cfg: Config) -> None:
+    """The seed recipe at a GPU's pace: the same models, data, epochs and schedule shape.
+
+    At the seed's batch of 256 a step of these small CNNs is launch-bound on an H100
+    (~54k img/s for the teacher, against 190k+ at 1024: BENCHMARKS.md), so the global batch
+    is 1024 with the peak LR scaled linearly (0.1 x 4) and the one-epoch warm-up kept.
+    The logits cache holds one view per student epoch (20 views of CIFAR-10: 20 MB), so the
+    cached KD student sees a fresh view every epoch, like the live teacher. The data loader
+    is `auto`: device-resident on the GPU. The `seed` preset stays the CPU recipe (its
+    results in results/ were made at batch 256)."""
+    _preset_seed(cfg)
+    cfg.optim.batch_size = 1024
+    cfg.optim.lr = 0.4
+    cfg.kd.views = 20
+
+
 def _preset_quick(cfg: Config) -> None:
     """Real CIFAR-10, the whole pipeline in <= 15 minutes on a 2-core CPU."""
     # Measured on the 2-core AVX2 dev machine: ~60 s per teacher epoch, 69% after 3.
@@ -246,6 +269,7 @@ def _preset_smoke(cfg: Config) -> None:
 
 PRESETS: dict[str, typing.Callable[[Config], None]] = {
     "seed": _preset_seed,
+    "seed-gpu": _preset_seed_gpu,
     "quick": _preset_quick,
     "smoke": _preset_smoke,
 }
@@ -253,7 +277,7 @@ PRESETS: dict[str, typing.Callable[[Config], None]] = {
 # Allowed values of the string-valued choice fields.
 CHOICES: dict[str, tuple[str, ...]] = {
     "data.source": ("synthetic", "imagefolder", "cifar-batches", "archive"),
-    "data.loader": ("ffcv", "torch"),
+    "data.loader": ("auto", "ffcv", "torch", "device"),
     "model.teacher": ("teacher_cnn", "teacher_cnn_lite", "student_cnn"),
     "model.student": ("teacher_cnn", "teacher_cnn_lite", "student_cnn"),
     "kd.teacher": ("cached", "live"),
@@ -397,6 +421,7 @@ def validate(cfg: Config) -> None:
     need(cfg.train.threads >= 0, "train.threads must be >= 0")
     need(cfg.train.eval_batch_size >= 1, "train.eval_batch_size must be >= 1")
     need(cfg.train.nonfinite_skip_limit >= 0, "train.nonfinite_skip_limit must be >= 0")
+    need(cfg.train.check_every >= 0, "train.check_every must be >= 0 (0 = auto)")
     need(bool(cfg.run.dir), "run.dir must not be empty")
     problems += _slurm_problems(cfg)
     if problems:

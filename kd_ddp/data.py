@@ -6,7 +6,9 @@ each sample's index stored as a field) and `meta.json` (classes, normalization s
 computed on the training split, file sizes and a content hash). meta.json is written last,
 so its presence means the rest is complete.
 
-Both loaders yield `(images, labels, indices)` with images as NHWC uint8 on the target
+The loaders (`data.loader`: FFCV reading the .beton, `torch` indexing the arrays in host
+memory, `device` indexing them on the training device; `auto` chooses, see
+`resolve_loader`) yield `(images, labels, indices)` with images as NHWC uint8 on the target
 device; augmentation and normalization happen on that device (kd_ddp.augment). The sample
 order of an epoch is a pure function of (seed, epoch) and is the same for every world size:
 global batch k always holds the same samples, split across the ranks.
@@ -28,8 +30,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from kd_ddp.augment import to_device
 from kd_ddp.checkpoint import atomic_output, atomic_write_json
-from kd_ddp.config import Config, fingerprint
+from kd_ddp.config import Config, ConfigError, fingerprint
 from kd_ddp.distributed import DistEnv, available_cores, barrier
 from kd_ddp.sources import DataError, RawDataset, Split, read_source
 
@@ -227,22 +230,61 @@ def eval_indices(n: int, rank: int, world: int) -> np.ndarray:
 # -- loaders --------------------------------------------------------------------------
 
 
-class ArrayLoader:
-    """The plain-torch fallback: arrays in memory, indexed per batch (no FFCV needed)."""
+class TensorLoader:
+    """A split held as tensors, indexed per batch (no FFCV needed).
 
-    def __init__(self, data: PreparedData, split: str, batch_size: int, device: torch.device) -> None:
-        self.images = np.load(data.file(f"{split}_images.npy"))
-        self.labels = np.load(data.file(f"{split}_labels.npy"))
+    `resident=False` (`data.loader=torch`): the arrays stay in host memory and each batch is
+    copied to the training device. `resident=True` (`data.loader=device`): the arrays live
+    on the training device (CIFAR-10: ~180 MB), the epoch's order is copied there once, and
+    a step makes no host->device copy at all. The sample order and the batches are those of
+    the FFCV loader for the same order (tested bitwise).
+    """
+
+    def __init__(self, data: PreparedData, split: str, batch_size: int, device: torch.device,
+                 resident: bool) -> None:
+        self.storage = device if resident else torch.device("cpu")
+        self.images, self.labels = split_tensors(data.dir, data.content_hash, split, self.storage)
         self.batch_size = batch_size
         self.device = device
 
     def iterate(self, order: np.ndarray, drop_last: bool) -> Iterator[Batch]:
         stop = len(order) - (len(order) % self.batch_size if drop_last else 0)
+        order_t = to_device(torch.from_numpy(np.ascontiguousarray(order)), self.storage)  # once per epoch
         for start in range(0, stop, self.batch_size):
-            idx = order[start: start + self.batch_size]
-            yield (torch.from_numpy(self.images[idx]).to(self.device, non_blocking=True),
-                   torch.from_numpy(self.labels[idx]).to(self.device, non_blocking=True),
-                   torch.from_numpy(idx))
+            idx = order_t[start: start + self.batch_size]
+            yield (to_device(self.images[idx], self.device), to_device(self.labels[idx], self.device), idx)
+
+
+@functools.lru_cache(maxsize=4)
+def split_tensors(prepared: Path, content_hash: str, split: str,
+                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A prepared split's images (NHWC uint8) and labels on `device`, loaded once per process
+    (keyed by the content hash too, so a rebuilt preparation is read again): the stages of a
+    pipeline share them instead of re-reading the arrays each."""
+    images = torch.from_numpy(np.load(prepared / f"{split}_images.npy"))
+    labels = torch.from_numpy(np.load(prepared / f"{split}_labels.npy"))
+    return images.to(device), labels.to(device)
+
+
+# Device-resident data may take at most this share of the GPU memory free when a stage
+# starts; the rest is for activations (the seed teacher at batch 4096 needs a few GB).
+DEVICE_DATA_SHARE = 0.25
+
+
+def resolve_loader(cfg: Config, data: PreparedData, device: torch.device) -> str:
+    """The loader `data.loader` names; `auto`: device-resident on a GPU when the data fits
+    (DEVICE_DATA_SHARE of its free memory), else FFCV when installed, else the torch loader."""
+    choice = cfg.data.loader
+    if choice == "ffcv" and not ffcv_available():
+        raise ConfigError("data.loader=ffcv but FFCV is not installed: use data.loader=auto, torch or device")
+    if choice != "auto":
+        return choice
+    if device.type == "cuda":
+        need = sum(data.file(f"{s}_{k}.npy").stat().st_size for s in ("train", "test") for k in ("images", "labels"))
+        free, _ = torch.cuda.mem_get_info(device)
+        if need <= DEVICE_DATA_SHARE * free:
+            return "device"
+    return "ffcv" if ffcv_available() else "torch"
 
 
 class _FixedOrder:
@@ -300,13 +342,13 @@ class TrainLoader:
         self.order = functools.partial(epoch_order, self.n, seed=cfg.seed, rank=env.rank,
                                        world=env.world_size, batch_per_rank=self.batch_per_rank)
         self.steps = len(self.order(epoch=0)) // self.batch_per_rank
-        if cfg.data.loader == "ffcv":
+        self.kind = resolve_loader(cfg, data, env.device)
+        if self.kind == "ffcv":
             workers = cfg.data.num_workers or max(1, available_cores() // env.local_world_size)
             self.impl: Any = FFCVLoader(data, "train", self.batch_per_rank, env.device,
                                         self._remaining_order, True, workers)
         else:
-            self.impl = ArrayLoader(data, "train", self.batch_per_rank, env.device)
-
+            self.impl = TensorLoader(data, "train", self.batch_per_rank, env.device, self.kind == "device")
 
     def __len__(self) -> int:
         return self.steps
@@ -329,11 +371,12 @@ class EvalLoader:
                  batch_size: int | None = None) -> None:
         self.indices = eval_indices(data.size(split), env.rank, env.world_size)
         bs = batch_size or cfg.train.eval_batch_size
-        if cfg.data.loader == "ffcv":
+        self.kind = resolve_loader(cfg, data, env.device)
+        if self.kind == "ffcv":
             workers = cfg.data.num_workers or max(1, available_cores() // env.local_world_size)
             self.impl: Any = FFCVLoader(data, split, bs, env.device, lambda e: self.indices, False, workers)
         else:
-            self.impl = ArrayLoader(data, split, bs, env.device)
+            self.impl = TensorLoader(data, split, bs, env.device, self.kind == "device")
 
     def __iter__(self) -> Iterator[Batch]:
         if isinstance(self.impl, FFCVLoader):

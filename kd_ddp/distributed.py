@@ -107,3 +107,20 @@ def broadcast_object(obj: object, env: DistEnv) -> object:
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def all_reduce_tensor(t: torch.Tensor, env: DistEnv) -> torch.Tensor:
+    """Sum a tensor over ranks in place, where it lives (a GPU tensor stays on the GPU: NCCL
+    queues the sum behind the step, the host does not wait for it)."""
+    if env.distributed:
+        dist.all_reduce(t)
+    return t
+
+
+def all_gather_object(obj: object, env: DistEnv) -> list[object]:
+    """Every rank's `obj`, in rank order (one element without a process group)."""
+    if not env.distributed:
+        return [obj]
+    out: list[object] = [None] * env.world_size
+    dist.all_gather_object(out, obj)
+    return out

@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import os
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -31,8 +32,8 @@ from torch import nn
 from kd_ddp.augment import augment, normalize, to_device
 from kd_ddp.checkpoint import NoSpaceError, atomic_write_json, reserve_space
 from kd_ddp.config import Config, describe_differences
-from kd_ddp.data import EvalLoader, PreparedData
-from kd_ddp.distributed import DistEnv, barrier, broadcast_object
+from kd_ddp.data import EvalLoader, PreparedData, eval_indices
+from kd_ddp.distributed import DistEnv, all_gather_object, barrier, broadcast_object
 
 log = logging.getLogger(__name__)
 
@@ -120,58 +121,105 @@ def teacher_view_logits(teacher: nn.Module, images: torch.Tensor, indices: torch
         return teacher(x).float()
 
 
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _open_rows(path: Path, dtype: str, shape: tuple[int, ...]) -> np.memmap:
+    """A new .npy of `shape` with every block allocated now (see reserve_space), memory-mapped."""
+    np.lib.format.open_memmap(path, mode="w+", dtype=_NUMPY_DTYPES[dtype], shape=shape).flush()
+    reserve_space(path)
+    return np.load(path, mmap_mode="r+")
+
+
 def build_cache(cfg: Config, env: DistEnv, data: PreparedData, teacher: nn.Module, teacher_hash: str,
                 amp_dtype: torch.dtype | None) -> dict[str, Any]:
-    """Every rank computes its shard of every view into one memory-mapped file; rank 0
-    checksums it and renames it into place, so a reader sees a complete cache or none."""
+    """Every rank computes its shard (a contiguous range of samples) of every view; rank 0
+    joins them into the cache file, checksums it and renames it into place, so a reader sees
+    a complete cache or none.
+
+    No two processes write one file: rank 0 writes its rows straight into the cache file and
+    every other rank into a shard file of its own, which rank 0 copies in. Ranks on other
+    nodes writing rows of one shared memory-mapped file could lose rows on NFS, where a
+    node's page write-back carries the stale neighbouring rows of that page with it.
+    """
     d = cache_dir(cfg)
-    n, classes = data.size("train"), data.num_classes
-    shape = (cfg.kd.views, n, classes)
-    tmp = d / f".logits.npy.tmp{os.environ.get('TORCHELASTIC_RUN_ID', 'x')}"
+    n, classes, views = data.size("train"), data.num_classes, cfg.kd.views
     start = time.perf_counter()
-    error = ""
     if env.is_main:
         d.mkdir(parents=True, exist_ok=True)
         (d / "manifest.json").unlink(missing_ok=True)  # a stale manifest must not outlive its array
-        np.lib.format.open_memmap(tmp, mode="w+", dtype=_NUMPY_DTYPES[cfg.kd.cache_dtype], shape=shape).flush()
-        try:
-            reserve_space(tmp)
-        except NoSpaceError as e:
-            error = str(e)
-    error = broadcast_object(error, env)  # every rank stops, none waits at a barrier for rank 0
-    if error:
-        raise NoSpaceError(error)
-    out = np.load(tmp, mmap_mode="r+")
+    # one name for this build on every rank, unique across hosts and PID namespaces
+    token = broadcast_object(f"{socket.gethostname()}-{os.getpid()}-{time.time_ns()}", env)
+    tmp = d / f".logits.npy.tmp-{token}"
+    mine = d / (tmp.name if env.is_main else f".logits.rank{env.rank}.npy.tmp-{token}")
+    loader = EvalLoader(cfg, data, env, split="train")
+    first = int(loader.indices[0]) if len(loader.indices) else 0
+    rows: np.memmap | None = None
+    error = ""
+    try:
+        shape = (views, n if env.is_main else len(loader.indices), classes)
+        rows = _open_rows(mine, cfg.kd.cache_dtype, shape) if shape[1] else None
+    except NoSpaceError as e:
+        error = str(e)
+    errors = [e for e in all_gather_object(error, env) if e]
+    if errors:  # every rank stops, none waits at a barrier for another
+        del rows
+        mine.unlink(missing_ok=True)
+        raise NoSpaceError(str(errors[0]))
+    offset = 0 if env.is_main else first  # rows of `mine` are samples offset + i
     teacher.eval()
     mean, std = data.stats(env.device)
-    loader = EvalLoader(cfg, data, env, split="train")
     torch_dtype = _TORCH_DTYPES[cfg.kd.cache_dtype]
-    for view in range(cfg.kd.views):
+    for view in range(views):
         for images, _, idx in loader:
             logits = teacher_view_logits(teacher, images, idx, cfg=cfg, view=view, mean=mean, std=std,
                                          amp_dtype=amp_dtype).to(torch_dtype).cpu()
             if cfg.kd.cache_dtype == "bfloat16":
                 logits = logits.view(torch.int16)
-            out[view, idx.numpy()] = logits.numpy().view(out.dtype)
+            assert rows is not None
+            rows[view, idx.cpu().numpy() - offset] = logits.numpy().view(rows.dtype)
         if env.is_main:
-            log.info("cached view %d/%d", view + 1, cfg.kd.views)
-    out.flush()
-    del out
+            log.info("cached view %d/%d", view + 1, views)
+    if rows is not None:
+        rows.flush()
+        del rows
+        _fsync(mine)  # on a network filesystem, what rank 0 reads after the barrier must be on the server
     barrier(env)
     manifest: dict[str, Any] = {}
     if env.is_main:
+        _join_shards(tmp, d, token, n, env.world_size)
         path = d / "logits.npy"
         os.replace(tmp, path)
         manifest = {
             "key": cache_key(cfg, data, teacher_hash),
-            "shape": list(shape),
+            "shape": [views, n, classes],
             "size_bytes": path.stat().st_size,
-            "sha256": _file_sha256(path),
+            "sha256": _file_sha256(path),  # of the file as it lies on disk, read back
             "build_time_s": round(time.perf_counter() - start, 3),
             "world_size": env.world_size,
         }
         atomic_write_json(d / "manifest.json", manifest)
-        log.info("teacher-logits cache: %s, %.1f MB, built in %.1f s", "x".join(map(str, shape)),
+        log.info("teacher-logits cache: %s, %.1f MB, built in %.1f s", "x".join(map(str, manifest["shape"])),
                  manifest["size_bytes"] / 1e6, manifest["build_time_s"])
     barrier(env)
     return manifest
+
+
+def _join_shards(tmp: Path, d: Path, token: str, n: int, world: int) -> None:
+    """Rank 0: copy the other ranks' shard files into its cache file, remove them, fsync."""
+    out = np.load(tmp, mmap_mode="r+")
+    for rank in range(1, world):
+        rows = eval_indices(n, rank, world)
+        if not len(rows):
+            continue
+        shard_path = d / f".logits.rank{rank}.npy.tmp-{token}"
+        out[:, rows[0]: rows[-1] + 1] = np.load(shard_path, mmap_mode="r")
+        shard_path.unlink()
+    out.flush()
+    del out
+    _fsync(tmp)

@@ -272,6 +272,9 @@ class StageTracker:
     def finish(self, summary: dict[str, Any]) -> None:
         pass
 
+    def abort(self, exit_code: int) -> None:
+        """The stage ended with an exception (exit code as the CLI will report it)."""
+
 
 class WandbTracker(StageTracker):
     def __init__(self, cfg: Config, stage: str, run: Any) -> None:
@@ -289,6 +292,10 @@ class WandbTracker(StageTracker):
                 self.run.log_artifact(art)
 
         finish_run(self.run, "finish", record)
+
+    def abort(self, exit_code: int) -> None:
+        # marks the W&B run failed instead of leaving it "running" until W&B times it out
+        _guard("finish", lambda: self.run.finish(exit_code=exit_code))
 
     def _artifacts(self) -> list[Any]:
         import wandb

@@ -1,14 +1,25 @@
 """The training loop, for all three runs: teacher (CE), student-normal (MSE), student-kd (KD).
 
+`train_stage` reads top to bottom: skip a stage that is done, build a `Trainer` (model,
+optimizer, schedule, loaders and the stage's objective: components by role), resume it
+from its checkpoint, run its epochs, write the summary. An epoch is a loop of
+`Trainer.train_step`, the one step function the benchmarks call too.
+
 Data flow of one step: the loader gives NHWC uint8 images with their sample indices ->
 `augment` (crop + flip, a pure function of seed, view and index) -> `normalize` to a
-channels_last float tensor -> model under autocast -> the stage's loss (for KD, with the
-teacher's logits for the same view from the cache or from a live teacher forward).
-Epoch e uses view e; the KD student uses view e % kd.views, the views the cache holds.
+channels_last float tensor -> model under autocast -> the stage's objective (for KD, with
+the teacher's logits for the same pixels from the cache or from a live teacher forward).
+Epoch e uses view e; the cached KD student uses view e % kd.views, the views the cache holds.
+
+Host syncs: none in a step. Whether a step's loss is finite is decided on the device, the
+update of a bad step is skipped there (fused SGD's `found_inf`, the mechanism GradScaler
+uses), and the loss sums and flags stay on the device; the host reads the flags every
+`train.check_every` steps (non-finite steps, SIGTERM) and the sums once per epoch.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -17,10 +28,12 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
@@ -29,11 +42,11 @@ from kd_ddp import losses
 from kd_ddp.augment import augment, normalize
 from kd_ddp.checkpoint import CheckpointError, atomic_write_json, load_checkpoint, save_checkpoint, weights_hash
 from kd_ddp.config import Config, describe_differences, fingerprint
-from kd_ddp.data import EvalLoader, PreparedData, TrainLoader
-from kd_ddp.distributed import DistEnv, all_reduce_sum, barrier
+from kd_ddp.data import EvalLoader, PreparedData, TrainLoader, resolve_loader
+from kd_ddp.distributed import DistEnv, all_gather_object, all_reduce_sum, all_reduce_tensor, barrier
 from kd_ddp.models import build_model
 from kd_ddp.process_memory import rss_mb
-from kd_ddp.teacher_logits import LogitsCache, teacher_view_logits
+from kd_ddp.teacher_logits import LogitsCache
 from kd_ddp.tracking import StageTracker, machine, start_stage
 
 log = logging.getLogger(__name__)
@@ -51,8 +64,8 @@ class NonFiniteLoss(RuntimeError):
 
 class StopRequest:
     """SIGTERM (kill, torchrun shutting a group down, Slurm preemption) sets a flag; the loop
-    checkpoints after the current step. The step loop sums the flag over ranks, so all stop
-    at one step."""
+    reads it at its next flag check, sums it over ranks, and all ranks checkpoint and stop at
+    that step."""
 
     def __init__(self) -> None:
         self.requested = False
@@ -96,6 +109,10 @@ def amp_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if cpu_has_native_bf16() else None
 
 
+def precision_name(dtype: torch.dtype | None) -> str:
+    return str(dtype).replace("torch.", "") if dtype else "off"
+
+
 # -- model, optimizer, schedule -------------------------------------------------------
 
 
@@ -107,6 +124,28 @@ def make_model(cfg: Config, role: str, num_classes: int, env: DistEnv) -> nn.Mod
     return model
 
 
+def rank_seed(seed: int, rank: int) -> int:
+    """The seed of rank `rank`'s random stream (dropout masks): a hash of (seed, rank), so
+    ranks draw different masks and every rank's stream is reproducible."""
+    return int.from_bytes(hashlib.sha256(f"kd-ddp/{seed}/{rank}".encode()).digest()[:8], "little") >> 1
+
+
+def make_optimizer(cfg: Config, model: nn.Module, role: str) -> torch.optim.SGD:
+    """SGD with momentum, no weight decay on BatchNorm and biases; fused, so that a step can
+    be skipped on the device (`found_inf`) without the host looking at the loss."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        (decay if p.ndim > 1 else no_decay).append(p)
+    optimizer = torch.optim.SGD(
+        [{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr_for(role), momentum=cfg.optim.momentum, nesterov=cfg.optim.nesterov, fused=True)
+    # Momentum buffers start at zero (what SGD's first step amounts to): fused SGD allocates
+    # them uninitialized at its first step and a skipped first step would leave them so.
+    for p in model.parameters():
+        optimizer.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    return optimizer
+
+
 def lr_at(step: int, total: int, warmup: int) -> float:
     """Linear warm-up, then cosine annealing to zero: a factor of the peak LR."""
     if step < warmup:
@@ -115,8 +154,10 @@ def lr_at(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def stage_fingerprint(cfg: Config, stage: str, data: PreparedData, teacher_hash: str = "") -> dict[str, Any]:
-    """Everything that changes a stage's result; a checkpoint made under another is refused."""
+def stage_fingerprint(cfg: Config, stage: str, data: PreparedData, precision: str,
+                      teacher_hash: str = "") -> dict[str, Any]:
+    """Everything that changes a stage's result; a checkpoint or summary made under another
+    is refused (checkpoint) or not reused (summary)."""
     role = "teacher" if stage == "teacher" else "student"
     m = cfg.model
     fp: dict[str, Any] = {
@@ -127,55 +168,22 @@ def stage_fingerprint(cfg: Config, stage: str, data: PreparedData, teacher_hash:
         "optim": {k: v for k, v in vars(cfg.optim).items() if k not in ("teacher_epochs", "student_epochs")}
         | {"epochs": cfg.epochs_for(role), "lr": cfg.lr_for(role)},
         "seed": cfg.seed,
+        "precision": precision,  # autocast dtype actually used (train.amp=auto resolves per device)
     }
     if stage == "student-normal":
         fp["mse_input"] = cfg.kd.mse_input
     if stage == "student-kd":
-        fp["kd"] = [cfg.kd.alpha, cfg.kd.temperature, cfg.kd.views, teacher_hash]
+        fp["kd"] = {"alpha": cfg.kd.alpha, "temperature": cfg.kd.temperature, "teacher": cfg.kd.teacher,
+                    "teacher_weights": teacher_hash}
+        if cfg.kd.teacher == "cached":  # a live teacher reads no cache: its views and dtype do not matter
+            fp["kd"] |= {"views": cfg.kd.views, "cache_dtype": cfg.kd.cache_dtype}
     return fp
 
 
-# -- evaluation -----------------------------------------------------------------------
+# -- the objective of each stage ------------------------------------------------------
 
-
-@torch.no_grad()
-def evaluate(model: nn.Module, loader: EvalLoader, env: DistEnv, mean: torch.Tensor, std: torch.Tensor,
-             cfg: Config, dtype: torch.dtype | None) -> tuple[float, float]:
-    """(mean CE loss, accuracy) over the whole split: each rank its shard, then summed."""
-    model.eval()
-    # summed on the device and read once: a read per batch would stall a GPU per batch
-    sums = torch.zeros(2, dtype=torch.float64, device=env.device)  # loss, correct
-    count = 0
-    for images, labels, _ in loader:
-        x = normalize(images, mean, std, cfg.train.channels_last)
-        with torch.autocast(env.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            logits = model(x).float()
-        sums[0] += nn.functional.cross_entropy(logits, labels, reduction="sum").double()
-        sums[1] += (logits.argmax(1) == labels).sum()
-        count += len(labels)
-    loss_sum, correct, total = all_reduce_sum([*sums.tolist(), float(count)], env)
-    return loss_sum / total, correct / total
-
-
-# -- one stage ------------------------------------------------------------------------
-
-
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def _teacher_source(cfg: Config, data: PreparedData, env: DistEnv, dtype: torch.dtype | None
-                    ) -> tuple[Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor], str]:
-    """(view logits function, teacher weights hash) for the KD student."""
-    teacher, teacher_hash = load_trained_teacher(cfg, data, env)
-    if cfg.kd.teacher == "cached":
-        cache = LogitsCache(cfg, data, teacher_hash, env.device)
-        return (lambda images, idx, view: cache.lookup(view, idx)), teacher_hash
-    mean, std = data.stats(env.device)
-    return (lambda images, idx, view: teacher_view_logits(
-        teacher, images, idx, cfg=cfg, view=view, mean=mean, std=std, amp_dtype=dtype)), teacher_hash
+# (student logits, the normalized input, labels, sample indices, view) -> scalar loss
+Objective = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
 
 
 def load_trained_teacher(cfg: Config, data: PreparedData, env: DistEnv) -> tuple[nn.Module, str]:
@@ -193,217 +201,446 @@ def load_trained_teacher(cfg: Config, data: PreparedData, env: DistEnv) -> tuple
     return teacher, weights_hash(teacher.state_dict())
 
 
-def train_stage(cfg: Config, env: DistEnv, data: PreparedData, stage: str) -> dict[str, Any]:
-    """Train one of the three models; resumes from its checkpoint, skips if already done."""
-    assert stage in STAGES, stage
-    role = "teacher" if stage == "teacher" else "student"
-    out = cfg.run_dir / stage
-    dtype = amp_dtype(cfg, env.device)
-    teacher_fn, teacher_hash = (None, "")
-    if stage == "student-kd":
-        teacher_fn, teacher_hash = _teacher_source(cfg, data, env, dtype)
-    fp = stage_fingerprint(cfg, stage, data, teacher_hash)
-    fp_hash = fingerprint(fp)
+TeacherLogits = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]  # (x, indices, view) -> logits
 
-    summary_path = out / "summary.json"
-    if summary_path.is_file():
-        summary = json.loads(summary_path.read_text())
-        if summary.get("fingerprint") == fp_hash:
-            if env.is_main:
-                log.info("%s: already trained (%s), test_acc=%.4f", stage, summary_path, summary["test_acc"])
-            return summary
 
-    epochs = cfg.epochs_for(role)
-    model = make_model(cfg, role, data.num_classes, env)
-    loader = TrainLoader(cfg, data, env)
-    test_loader = EvalLoader(cfg, data, env)
-    mean, std = data.stats(env.device)
-    decay, no_decay = [], []
-    for p in model.parameters():  # no weight decay on BatchNorm and biases
-        (decay if p.ndim > 1 else no_decay).append(p)
-    optimizer = torch.optim.SGD(
-        [{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.lr_for(role), momentum=cfg.optim.momentum, nesterov=cfg.optim.nesterov)
-    total_steps = epochs * len(loader)
-    warmup = int(cfg.optim.warmup_epochs * len(loader))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, total_steps, warmup))
-    scaler = torch.amp.GradScaler(env.device.type, enabled=dtype == torch.float16)
+def teacher_logits_source(cfg: Config, data: PreparedData, env: DistEnv,
+                          dtype: torch.dtype | None) -> tuple[TeacherLogits, str]:
+    """The KD student's teacher logits for a batch (from the cache, or a live forward on the
+    student's own input `x`: the same pixels), and the teacher's weights hash."""
+    teacher, teacher_hash = load_trained_teacher(cfg, data, env)
+    if cfg.kd.teacher == "cached":
+        cache = LogitsCache(cfg, data, teacher_hash, env.device)
+        return (lambda x, idx, view: cache.lookup(view, idx)), teacher_hash
 
-    start_epoch = start_step = 0
-    partial = {"loss_sum": 0.0, "seen": 0, "time_s": 0.0}  # of an epoch interrupted mid-way
-    ckpt_path = out / "checkpoint.pt"
-    if ckpt_path.is_file():
-        state = load_checkpoint(ckpt_path)
-        if state.get("fingerprint") != fp_hash:
-            diffs = describe_differences(fp, state.get("fingerprint_fields", {}), have_name="checkpoint has")
-            raise CheckpointError(
-                f"{ckpt_path} was made with another config (model, data or loss differ):\n  "
-                + "\n  ".join(diffs or ["(a checkpoint without its fields)"])
-                + f"\nuse another run.dir, or delete {out} to start this stage over")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["rng_cpu"])
-        if env.device.type == "cuda" and state.get("rng_cuda") is not None:
-            torch.cuda.set_rng_state(state["rng_cuda"], env.device)
-        start_epoch = state["epoch"] + 1
-        start_step = state.get("step_in_epoch", 0)
-        partial = state.get("partial", partial)
-        if env.is_main:
-            log.info("%s: resuming at epoch %d step %d of %d epochs (%s)", stage, start_epoch + 1, start_step,
-                     epochs, ckpt_path)
-    history = _read_jsonl(out / "metrics.jsonl")[:start_epoch]
+    @torch.no_grad()
+    def live(x: torch.Tensor, idx: torch.Tensor, view: int) -> torch.Tensor:
+        with torch.autocast(env.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            return teacher(x).float()
 
-    net: nn.Module = DDP(model) if env.distributed else model
-    if cfg.train.compile:
-        net = torch.compile(net)
+    return live, teacher_hash
 
-    if env.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        # Drop epochs logged after the checkpoint we resume from: they will be redone.
-        (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
-        log.info("%s: %d epochs x %d steps, global batch %d on %d rank(s) (process group: %s), device %s, "
-                 "amp %s, loader %s", stage, epochs, len(loader), cfg.optim.batch_size, env.world_size,
-                 env.backend, env.device, dtype or "off", cfg.data.loader)
 
-    def save(epochs_done: int, step_in_epoch: int = 0, part: dict[str, float] | None = None) -> None:
-        """Rank 0 writes the complete training state (atomically: see save_checkpoint)."""
-        if env.is_main:
-            save_checkpoint(ckpt_path, {
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                "rng_cpu": torch.get_rng_state(),
-                "rng_cuda": torch.cuda.get_rng_state(env.device) if env.device.type == "cuda" else None,
+def make_objective(cfg: Config, stage: str, teacher: TeacherLogits | None) -> Objective:
+    """The stage's loss, chosen once: CE for the teacher, MSE on one-hot labels for the
+    normal student, the KD loss (with the teacher's logits for the same view) for the other."""
+    if stage == "teacher":
+        smoothing = cfg.optim.label_smoothing
+        return lambda logits, x, labels, idx, view: losses.teacher_loss(logits, labels, smoothing)
+    if stage == "student-normal":
+        on = cfg.kd.mse_input
+        return lambda logits, x, labels, idx, view: losses.mse_onehot_loss(logits, labels, on)
+    assert teacher is not None
+    alpha, temperature = cfg.kd.alpha, cfg.kd.temperature
+    return lambda logits, x, labels, idx, view: losses.kd_loss(logits, teacher(x, idx, view), labels,
+                                                               alpha, temperature)
+
+
+# -- evaluation -----------------------------------------------------------------------
+
+
+def broadcast_buffers(model: nn.Module, env: DistEnv) -> None:
+    """Every rank takes rank 0's buffers (BatchNorm running statistics). In training each
+    rank's last forward updated its own; evaluated as they are, each rank's shard of the
+    test set would meet another model, and the metrics would depend on the world size.
+    Rank 0's are the ones its checkpoint holds."""
+    if env.distributed:
+        for buf in model.buffers():
+            dist.broadcast(buf, src=0)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: EvalLoader, env: DistEnv, mean: torch.Tensor, std: torch.Tensor,
+             cfg: Config, dtype: torch.dtype | None) -> tuple[float, float]:
+    """(mean CE loss, accuracy) over the whole split: each rank its shard, then summed."""
+    model.eval()
+    # summed on the device and read once: a read per batch would stall a GPU per batch
+    sums = torch.zeros(3, dtype=torch.float64, device=env.device)  # loss, correct, count
+    for images, labels, _ in loader:
+        x = normalize(images, mean, std, cfg.train.channels_last)
+        with torch.autocast(env.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            logits = model(x).float()
+        sums[0] += nn.functional.cross_entropy(logits, labels, reduction="sum").double()
+        sums[1] += (logits.argmax(1) == labels).sum()
+        sums[2] += len(labels)
+    loss_sum, correct, total = all_reduce_tensor(sums, env).tolist()
+    return loss_sum / total, correct / total
+
+
+# -- the step flags, kept on the device -----------------------------------------------
+
+
+@dataclass
+class StepTally:
+    """What the steps of a stage leave behind, as device tensors (no host sync to update):
+    the epoch's loss sum and sample count over good steps, the stage's count of steps skipped
+    for a non-finite loss, the global index of the last such step and of the step that
+    crossed `train.nonfinite_skip_limit` (-1: none)."""
+
+    loss_sum: torch.Tensor
+    seen: torch.Tensor
+    nonfinite: torch.Tensor
+    last_bad: torch.Tensor
+    crossed: torch.Tensor
+    step: torch.Tensor  # global index of the step being taken
+
+    @classmethod
+    def start(cls, device: torch.device, step: int, nonfinite: int, loss_sum: float, seen: int) -> StepTally:
+        def t(v: float | int, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+            return torch.tensor(v, dtype=dtype, device=device)
+
+        return cls(t(loss_sum, torch.float64), t(seen), t(nonfinite), t(-1), t(-1), t(step - 1))
+
+    def add(self, loss: torch.Tensor, bad: torch.Tensor, batch: int, limit: int) -> None:
+        self.step += 1
+        self.loss_sum += torch.where(bad, 0.0, loss.double() * batch)
+        self.seen += torch.where(bad, 0, batch)
+        self.nonfinite += bad.long()
+        self.last_bad.copy_(torch.where(bad, self.step, self.last_bad))
+        self.crossed.copy_(torch.where((self.nonfinite > limit) & (self.crossed < 0), self.step, self.crossed))
+
+    def new_epoch(self) -> None:
+        self.loss_sum.zero_()
+        self.seen.zero_()
+
+
+# -- one stage ------------------------------------------------------------------------
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def check_interval(cfg: Config, device: torch.device) -> int:
+    if cfg.train.check_every:
+        return cfg.train.check_every
+    return 50 if device.type == "cuda" else 1
+
+
+class Trainer:
+    """One training stage: build -> resume -> epochs of `train_step` -> summary.
+
+    Construct it with the stage's fingerprint (see `train_stage`); `train_step` is usable on
+    its own (benchmarks/train_step.py times it on an in-memory batch).
+    """
+
+    def __init__(self, cfg: Config, env: DistEnv, data: PreparedData, stage: str,
+                 teacher: TeacherLogits | None = None, fp: dict[str, Any] | None = None) -> None:
+        assert stage in STAGES, stage
+        self.cfg, self.env, self.data, self.stage = cfg, env, data, stage
+        role = "teacher" if stage == "teacher" else "student"
+        self.out = cfg.run_dir / stage
+        self.ckpt_path = self.out / "checkpoint.pt"
+        self.dtype = amp_dtype(cfg, env.device)
+        self.fp = fp or stage_fingerprint(cfg, stage, data, precision_name(self.dtype))
+        self.fp_hash = fingerprint(self.fp)
+        self.epochs = cfg.epochs_for(role)
+        self.objective = make_objective(cfg, stage, teacher)
+        if env.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels once
+        self.model = make_model(cfg, role, data.num_classes, env)
+        torch.manual_seed(rank_seed(cfg.seed, env.rank))  # each rank its own dropout stream
+        self.loader = TrainLoader(cfg, data, env)
+        self.test_loader = EvalLoader(cfg, data, env)
+        self.mean, self.std = data.stats(env.device)
+        self.optimizer = make_optimizer(cfg, self.model, role)
+        total, warmup = self.epochs * len(self.loader), int(cfg.optim.warmup_epochs * len(self.loader))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_at(s, total, warmup))
+        self.scaler = torch.amp.GradScaler(env.device.type, enabled=self.dtype == torch.float16)
+        self.net: nn.Module = DDP(self.model) if env.distributed else self.model
+        if cfg.train.compile:
+            self.net = torch.compile(self.net)
+        self.check_every = check_interval(cfg, env.device)
+        self.limit = cfg.train.nonfinite_skip_limit
+        self.lr = self.scheduler.get_last_lr()[0]  # of the last step taken
+        self.start_epoch = self.start_step = 0
+        self.partial = {"loss_sum": 0.0, "seen": 0, "time_s": 0.0}  # of an epoch interrupted mid-way
+        self.nonfinite = self.reported = 0  # steps skipped so far, and how many of them were logged
+        self.history: list[dict[str, Any]] = []
+        self.tally = StepTally.start(env.device, 0, 0, 0.0, 0)
+        self.stop = StopRequest()
+
+    # -- resume and save ------------------------------------------------------------------
+
+    def resume(self) -> None:
+        """Continue from the stage's checkpoint, if any (refused when made under another config)."""
+        if self.ckpt_path.is_file():
+            state = load_checkpoint(self.ckpt_path)
+            if state.get("fingerprint") != self.fp_hash:
+                diffs = describe_differences(self.fp, state.get("fingerprint_fields", {}),
+                                             have_name="checkpoint has")
+                raise CheckpointError(
+                    f"{self.ckpt_path} was made with another config (model, data, loss or precision differ):\n  "
+                    + "\n  ".join(diffs or ["(a checkpoint without its fields)"])
+                    + f"\nuse another run.dir, or delete {self.out} to start this stage over")
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.scaler.load_state_dict(state["scaler"])
+            self._restore_rng(state["rng"])
+            self.start_epoch = state["epoch"] + 1
+            self.start_step = state.get("step_in_epoch", 0)
+            self.partial = state.get("partial") or self.partial
+            self.nonfinite = self.reported = state.get("nonfinite_steps", 0)
+            self.lr = self.scheduler.get_last_lr()[0]
+            if self.env.is_main:
+                log.info("%s: resuming at epoch %d step %d of %d epochs (%s)", self.stage, self.start_epoch + 1,
+                         self.start_step, self.epochs, self.ckpt_path)
+        self.history = _read_jsonl(self.out / "metrics.jsonl")[: self.start_epoch]
+        steps = len(self.loader)
+        # a resumed epoch restarts from rank-summed partial sums; rank 0 alone carries them
+        carried = self.env.is_main and self.start_step > 0
+        self.tally = StepTally.start(self.env.device, self.start_epoch * steps + self.start_step, self.nonfinite,
+                                     self.partial["loss_sum"] if carried else 0.0,
+                                     int(self.partial["seen"]) if carried else 0)
+
+    def _rng_state(self) -> dict[str, torch.Tensor | None]:
+        cuda = self.env.device.type == "cuda"
+        return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(self.env.device) if cuda else None}
+
+    def _restore_rng(self, per_rank: list[dict[str, torch.Tensor | None]]) -> None:
+        if len(per_rank) != self.env.world_size:
+            # another world size: the batches per rank differ anyway, so no bitwise resume
+            log.warning("%s: checkpoint of %d rank(s) resumed on %d: fresh random streams", self.stage,
+                        len(per_rank), self.env.world_size)
+            torch.manual_seed(rank_seed(self.cfg.seed, self.env.rank) ^ self.start_epoch)
+            return
+        mine = per_rank[self.env.rank]
+        torch.set_rng_state(mine["cpu"])
+        if self.env.device.type == "cuda" and mine["cuda"] is not None:
+            torch.cuda.set_rng_state(mine["cuda"], self.env.device)
+
+    def save(self, epochs_done: int, step_in_epoch: int = 0, part: dict[str, float] | None = None) -> None:
+        """The complete training state, every rank's random stream included; rank 0 writes it
+        (atomically: see save_checkpoint). Every rank must call it (it gathers the streams)."""
+        rng = all_gather_object(self._rng_state(), self.env)
+        if self.env.is_main:
+            save_checkpoint(self.ckpt_path, {
+                "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "rng": rng,
                 "epoch": epochs_done - 1, "step_in_epoch": step_in_epoch, "partial": part or {},
-                "fingerprint": fp_hash, "fingerprint_fields": fp, "config": cfg.to_dict(),
-                "num_classes": data.num_classes,
+                "nonfinite_steps": self.nonfinite, "fingerprint": self.fp_hash, "fingerprint_fields": self.fp,
+                "config": self.cfg.to_dict(), "num_classes": self.data.num_classes,
             })
 
-    tracker = start_stage(cfg, stage, env) if env.is_main else StageTracker()
-    for record in history:  # a resumed run re-logs the epochs it keeps
-        tracker.log_epoch(record)
-    show_bar = env.is_main and cfg.tracking.progress and sys.stderr.isatty()
-    stage_start = time.perf_counter()
-    stop = StopRequest()
-    skipped = 0  # steps skipped for a non-finite loss
-    for epoch in range(start_epoch, epochs):
-        net.train()
-        # The augmentation view of this epoch. Cached KD can only replay the kd.views views it
-        # has logits for; everything else (the live teacher too: the seed's way) sees a fresh
-        # view per epoch, so a live-vs-cached comparison measures what the reuse costs.
-        view = epoch % cfg.kd.views if stage == "student-kd" and cfg.kd.teacher == "cached" else epoch
-        first = start_step if epoch == start_epoch else 0
-        resumed = bool(first) and env.is_main
-        t0 = time.perf_counter() - (partial["time_s"] if first else 0.0)
-        loss_sum = torch.tensor(partial["loss_sum"] if resumed else 0.0, dtype=torch.float64, device=env.device)
-        seen = int(partial["seen"]) if resumed else 0
-        bar = tqdm(total=len(loader), initial=first, desc=f"{stage} {epoch + 1}/{epochs}", disable=not show_bar,
-                   leave=False)
-        for step, (images, labels, idx) in enumerate(loader.epoch(epoch, first), start=first):
-            x = normalize(augment(images, idx, seed=cfg.seed, view=view, padding=cfg.data.crop_padding,
-                                  flip=cfg.data.flip), mean, std, cfg.train.channels_last)
-            with torch.autocast(env.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                logits = net(x)
-            if stage == "teacher":
-                loss = losses.teacher_loss(logits, labels, cfg.optim.label_smoothing)
-            elif stage == "student-normal":
-                loss = losses.mse_onehot_loss(logits, labels, cfg.kd.mse_input)
-            else:
-                assert teacher_fn is not None
-                loss = losses.kd_loss(logits, teacher_fn(images, idx, view), labels,
-                                      cfg.kd.alpha, cfg.kd.temperature)
-            # One host sync and one all-reduce per step carry both flags: "this rank's loss is
-            # not finite" and "this rank got SIGTERM". All ranks act on the sums, so they skip or
-            # stop at the same step (a rank going its own way would hang DDP). On a GPU the sync
-            # costs the launch overlap of one step, the price of naming the step that went bad.
-            bad, stopping = (f > 0 for f in all_reduce_sum(
-                [float(not torch.isfinite(loss.detach()).item()), float(stop.requested)], env))
-            if bad:
-                skipped += 1
-                where = (f"{stage}: non-finite loss at epoch {epoch + 1} step {step + 1} (batch of samples "
-                         f"{idx[:5].tolist()}...)")
-                if skipped > cfg.train.nonfinite_skip_limit:
-                    raise NonFiniteLoss(f"{where}; stopped (train.nonfinite_skip_limit="
-                                        f"{cfg.train.nonfinite_skip_limit}); the last good checkpoint is kept in "
-                                        f"{ckpt_path}")
-                log.warning("%s: step skipped (%d of at most %d)", where, skipped, cfg.train.nonfinite_skip_limit)
-                optimizer.zero_grad(set_to_none=True)
-                scheduler.step()  # keep the schedule aligned with the step count
-                bar.update()
-                continue
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            loss_sum += loss.detach().double() * len(labels)
-            seen += len(labels)
+    # -- one step -------------------------------------------------------------------------
+
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor, idx: torch.Tensor, view: int) -> None:
+        """One optimizer step on a batch (NHWC uint8 images of view `view`), without a host sync.
+
+        A non-finite loss on any rank skips the update on every rank (the flag is all-reduced
+        on the device) and is counted in the tally; `check` reads the count.
+        """
+        cfg = self.cfg
+        x = normalize(augment(images, idx, seed=cfg.seed, view=view, padding=cfg.data.crop_padding,
+                              flip=cfg.data.flip), self.mean, self.std, cfg.train.channels_last)
+        with torch.autocast(self.env.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
+            logits = self.net(x)
+        loss = self.objective(logits, x, labels, idx, view)
+        bad = all_reduce_tensor((~torch.isfinite(loss.detach())).float(), self.env) > 0
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self._update(bad)
+        self.lr = self.scheduler.get_last_lr()[0]
+        self.scheduler.step()
+        self.tally.add(loss.detach(), bad, len(labels), self.limit)
+
+    def _update(self, bad: torch.Tensor) -> None:
+        """The optimizer step, skipped on the device when `bad`."""
+        if self.scaler.is_enabled():
+            # fp16: GradScaler already skips (on the device, with fused SGD) a step whose
+            # gradients are not finite; a non-finite loss joins that by poisoning one entry.
+            grad = next(p.grad for p in self.model.parameters() if p.grad is not None)
+            grad[(0,) * grad.ndim].add_(torch.where(bad, math.nan, 0.0))
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.found_inf = bad.float()  # read by fused SGD: 1 skips the whole update
+            self.optimizer.step()
+
+    def check(self, epoch: int, step: int) -> bool:
+        """The host's look at the flags (every `train.check_every` steps): warn about skipped
+        steps, stop past the skip limit naming the step, and agree across ranks on a SIGTERM."""
+        nonfinite, last_bad, crossed = torch.stack(
+            [self.tally.nonfinite, self.tally.last_bad, self.tally.crossed]).tolist()
+        self.nonfinite = nonfinite
+        if crossed >= 0:
+            raise NonFiniteLoss(f"{self._where(crossed)}; stopped (train.nonfinite_skip_limit={self.limit}); "
+                                f"the last good checkpoint is kept in {self.ckpt_path}")
+        if nonfinite > self.reported:
+            log.warning("%s: step skipped (%d of at most %d)%s", self._where(last_bad), nonfinite, self.limit,
+                        f"; {nonfinite - self.reported} since the last check" if nonfinite - self.reported > 1 else "")
+            self.reported = nonfinite
+        return all_reduce_sum([float(self.stop.requested)], self.env)[0] > 0
+
+    def _where(self, global_step: int) -> str:
+        """`stage: non-finite loss at epoch E step S (batch of samples ...)`; the samples come
+        from the epoch's order, a pure function, so the device never had to keep them."""
+        steps = len(self.loader)
+        epoch, step = divmod(global_step, steps)
+        bpr = self.loader.batch_per_rank
+        samples = self.loader.order(epoch=epoch)[step * bpr: step * bpr + 5].tolist()
+        return f"{self.stage}: non-finite loss at epoch {epoch + 1} step {step + 1} (batch of samples {samples}...)"
+
+    # -- one epoch ------------------------------------------------------------------------
+
+    def view_of(self, epoch: int) -> int:
+        """The augmentation view of an epoch. Cached KD can only replay the kd.views views it
+        has logits for; everything else (the live teacher too: the seed's way) sees a fresh
+        view per epoch, so a live-vs-cached comparison measures what the reuse costs."""
+        if self.stage == "student-kd" and self.cfg.kd.teacher == "cached":
+            return epoch % self.cfg.kd.views
+        return epoch
+
+    def run_epoch(self, epoch: int, bar: tqdm) -> dict[str, Any]:
+        """Train one epoch (from `start_step` when resuming), then evaluate; the metrics record."""
+        view = self.view_of(epoch)
+        first = self.start_step if epoch == self.start_epoch else 0
+        t0 = time.perf_counter() - (self.partial["time_s"] if first else 0.0)
+        steps = len(self.loader)
+        self.net.train()
+        for step, (images, labels, idx) in enumerate(self.loader.epoch(epoch, first), start=first):
+            self.train_step(images, labels, idx, view)
             bar.update()
-            if stopping and step + 1 < len(loader):
-                # the partial sums are saved summed over ranks; on resume rank 0 alone restarts from them
-                part_loss, part_seen = all_reduce_sum([loss_sum.item(), float(seen)], env)
-                save(epoch, step + 1, {"loss_sum": part_loss, "seen": part_seen, "time_s": time.perf_counter() - t0})
-                barrier(env)
-                stop.close()
-                raise Preempted(f"{stage}: stopped by signal; checkpointed at epoch {epoch + 1} step {step + 1} "
-                                f"in {ckpt_path}; run the same command again to resume")
-        bar.close()
-        lr = scheduler.get_last_lr()[0]
-        train_loss_sum, train_seen = all_reduce_sum([loss_sum.item(), float(seen)], env)
+            if ((step + 1) % self.check_every == 0 or step + 1 == steps) and self.check(epoch, step) \
+                    and step + 1 < steps:
+                self._stop_mid_epoch(epoch, step, t0)
+        train_loss_sum, train_seen = all_reduce_tensor(torch.stack(
+            [self.tally.loss_sum, self.tally.seen.double()]), self.env).tolist()  # waits for the epoch's steps
         epoch_time = time.perf_counter() - t0
-        test_loss, test_acc = evaluate(model, test_loader, env, mean, std, cfg, dtype)
-        record = {
+        self.tally.new_epoch()
+        broadcast_buffers(self.model, self.env)
+        test_loss, test_acc = evaluate(self.model, self.test_loader, self.env, self.mean, self.std, self.cfg,
+                                       self.dtype)
+        return {
             "epoch": epoch + 1,
             "view": view,
-            # every step of the epoch skipped for a non-finite loss: no mean, the check below stops
+            # every step of the epoch skipped for a non-finite loss: no mean, fit() stops
             "train_loss": train_loss_sum / train_seen if train_seen else math.nan,
             "test_loss": test_loss,
             "test_acc": test_acc,
-            "lr": lr,
+            "lr": self.lr,  # the one the epoch's last step used
             "epoch_time_s": round(epoch_time, 3),
             "images_per_s": round(train_seen / epoch_time, 1),
             "eval_time_s": round(time.perf_counter() - t0 - epoch_time, 3),
         }
-        if not math.isfinite(record["train_loss"]):
-            raise NonFiniteLoss(f"{stage}: non-finite training loss in epoch {epoch + 1}; "
-                                     f"the last good checkpoint is kept in {ckpt_path}")
-        history.append(record)
-        if env.is_main:
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
-            tracker.log_epoch(record)
-            save(epoch + 1)
-            log.info("%s epoch %d/%d: train_loss %.4f test_loss %.4f test_acc %.4f (%.1f s, %.0f img/s)",
-                     stage, epoch + 1, epochs, record["train_loss"], test_loss, test_acc, epoch_time,
-                     record["images_per_s"])
-        barrier(env)
 
-    stop.close()
-    summary = {
-        "stage": stage,
-        "test_acc": history[-1]["test_acc"],
-        "test_loss": history[-1]["test_loss"],
-        "epochs": epochs,
-        "train_time_s": round(sum(r["epoch_time_s"] + r.get("eval_time_s", 0.0) for r in history), 3),
-        "images_per_s": round(sum(r["images_per_s"] for r in history) / len(history), 1),
-        "world_size": env.world_size,
-        "backend": env.backend,
-        "device": str(env.device),
-        "machine": machine(env),
-        "amp": str(dtype).replace("torch.", "") if dtype else "off",
-        "weights_hash": weights_hash(model.state_dict()),
-        "fingerprint": fp_hash,
-        "session_time_s": round(time.perf_counter() - stage_start, 3),
-        "peak_rss_mb": round(rss_mb()[1], 1),  # of this process so far: all stages it ran
-        "peak_cuda_mb": round(torch.cuda.max_memory_allocated(env.device) / 2**20, 1)
-        if env.device.type == "cuda" else None,
-    }
+    def _stop_mid_epoch(self, epoch: int, step: int, t0: float) -> None:
+        """SIGTERM: checkpoint after this step (partial sums summed over ranks), then stop."""
+        part_loss, part_seen = all_reduce_tensor(torch.stack(
+            [self.tally.loss_sum, self.tally.seen.double()]), self.env).tolist()
+        self.save(epoch, step + 1, {"loss_sum": part_loss, "seen": part_seen, "time_s": time.perf_counter() - t0})
+        barrier(self.env)
+        raise Preempted(f"{self.stage}: stopped by signal; checkpointed at epoch {epoch + 1} step {step + 1} "
+                        f"in {self.ckpt_path}; run the same command again to resume")
+
+    # -- the whole stage ------------------------------------------------------------------
+
+    def fit(self, tracker: StageTracker) -> dict[str, Any]:
+        env = self.env
+        if env.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            # Drop epochs logged after the checkpoint we resume from: they will be redone.
+            (self.out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in self.history))
+            log.info("%s: %d epochs x %d steps, global batch %d on %d rank(s) (process group: %s), device %s, "
+                     "amp %s, loader %s, flags read every %d step(s)", self.stage, self.epochs, len(self.loader),
+                     self.cfg.optim.batch_size, env.world_size, env.backend, env.device,
+                     precision_name(self.dtype), self.loader.kind, self.check_every)
+        for record in self.history:  # a resumed run re-logs the epochs it keeps
+            tracker.log_epoch(record)
+        show_bar = env.is_main and self.cfg.tracking.progress and sys.stderr.isatty()
+        stage_start = time.perf_counter()
+        for epoch in range(self.start_epoch, self.epochs):
+            first = self.start_step if epoch == self.start_epoch else 0
+            with tqdm(total=len(self.loader), initial=first, desc=f"{self.stage} {epoch + 1}/{self.epochs}",
+                      disable=not show_bar, leave=False) as bar:
+                record = self.run_epoch(epoch, bar)
+            if not math.isfinite(record["train_loss"]):
+                raise NonFiniteLoss(f"{self.stage}: non-finite training loss in epoch {epoch + 1}; "
+                                    f"the last good checkpoint is kept in {self.ckpt_path}")
+            self.history.append(record)
+            self.save(epoch + 1)
+            if env.is_main:
+                with open(self.out / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                tracker.log_epoch(record)
+                log.info("%s epoch %d/%d: train_loss %.4f test_loss %.4f test_acc %.4f (%.1f s, %.0f img/s)",
+                         self.stage, epoch + 1, self.epochs, record["train_loss"], record["test_loss"],
+                         record["test_acc"], record["epoch_time_s"], record["images_per_s"])
+            barrier(env)
+        return self.summary(time.perf_counter() - stage_start)
+
+    def summary(self, session_s: float) -> dict[str, Any]:
+        env, history = self.env, self.history
+        summary: dict[str, Any] = {
+            "stage": self.stage,
+            "test_acc": history[-1]["test_acc"],
+            "test_loss": history[-1]["test_loss"],
+            "epochs": self.epochs,
+            "train_time_s": round(sum(r["epoch_time_s"] + r.get("eval_time_s", 0.0) for r in history), 3),
+            "images_per_s": round(sum(r["images_per_s"] for r in history) / len(history), 1),
+            "world_size": env.world_size,
+            "backend": env.backend,
+            "device": str(env.device),
+            "machine": machine(env),
+            "amp": precision_name(self.dtype),
+            "loader": self.loader.kind,
+            "nonfinite_steps": self.nonfinite,
+            "weights_hash": weights_hash(self.model.state_dict()),
+            "fingerprint": self.fp_hash,
+            "session_time_s": round(session_s, 3),
+            "peak_rss_mb": round(rss_mb()[1], 1),  # of this process so far: all stages it ran
+            "peak_cuda_mb": round(torch.cuda.max_memory_allocated(env.device) / 2**20, 1)
+            if env.device.type == "cuda" else None,
+        }
+        if self.stage == "student-kd":
+            kd = self.cfg.kd
+            summary["kd"] = {"alpha": kd.alpha, "temperature": kd.temperature, "teacher": kd.teacher,
+                             "views": kd.views, "cache_dtype": kd.cache_dtype if kd.teacher == "cached" else None}
+        return summary
+
+    def close(self) -> None:
+        self.stop.close()
+
+
+def finished_summary(path: Path, fp_hash: str) -> dict[str, Any] | None:
+    """The stage's summary if it was made with this fingerprint, else None (train again)."""
+    if not path.is_file():
+        return None
+    summary = json.loads(path.read_text())
+    return summary if summary.get("fingerprint") == fp_hash else None
+
+
+def train_stage(cfg: Config, env: DistEnv, data: PreparedData, stage: str) -> dict[str, Any]:
+    """Train one of the three models; resumes from its checkpoint, skips if already done."""
+    assert stage in STAGES, stage
+    dtype = amp_dtype(cfg, env.device)
+    teacher, teacher_hash = (None, "")
     if stage == "student-kd":
-        summary["kd"] = {"alpha": cfg.kd.alpha, "temperature": cfg.kd.temperature,
-                         "teacher": cfg.kd.teacher, "views": cfg.kd.views}
-    if env.is_main:
-        atomic_write_json(summary_path, summary)
-    tracker.finish(summary)
+        teacher, teacher_hash = teacher_logits_source(cfg, data, env, dtype)
+    fp = stage_fingerprint(cfg, stage, data, precision_name(dtype), teacher_hash)
+    summary_path = cfg.run_dir / stage / "summary.json"
+    done = finished_summary(summary_path, fingerprint(fp))
+    if done is not None:
+        if env.is_main:
+            log.info("%s: already trained (%s), test_acc=%.4f", stage, summary_path, done["test_acc"])
+        return done
+    resolve_loader(cfg, data, env.device)  # a loader that cannot run fails here, before any work
+    trainer = Trainer(cfg, env, data, stage, teacher, fp)
+    tracker: StageTracker = StageTracker()
+    try:
+        trainer.resume()
+        tracker = start_stage(cfg, stage, env) if env.is_main else tracker
+        summary = trainer.fit(tracker)
+        if env.is_main:
+            atomic_write_json(summary_path, summary)
+        tracker.finish(summary)
+    except BaseException as e:
+        tracker.abort(143 if isinstance(e, Preempted) else 1)
+        raise
+    finally:
+        trainer.close()
     barrier(env)
     return summary

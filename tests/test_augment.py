@@ -12,27 +12,57 @@ def _images(n: int = 6, size: int = 8) -> torch.Tensor:
 
 
 def test_params_are_a_pure_function_of_seed_view_index() -> None:
-    idx = np.array([5, 17, 3, 999_999])
+    idx = torch.tensor([5, 17, 3, 999_999])
     a = crop_flip_params(0, 2, idx, 4, True)
-    b = crop_flip_params(0, 2, idx[::-1].copy(), 4, True)
+    b = crop_flip_params(0, 2, idx.flip(0), 4, True)
     for x, y in zip(a, b):
-        np.testing.assert_array_equal(x, y[::-1])  # order of the batch does not matter
+        assert torch.equal(x, y.flip(0))  # order of the batch does not matter
     c = crop_flip_params(1, 2, idx, 4, True)
     d = crop_flip_params(0, 3, idx, 4, True)
     assert any((x != y).any() for x, y in zip(a, c)) and any((x != y).any() for x, y in zip(a, d))
 
 
 def test_params_cover_the_range() -> None:
-    dy, dx, fl = crop_flip_params(0, 0, np.arange(20_000), 4, True)
+    dy, dx, fl = crop_flip_params(0, 0, torch.arange(20_000), 4, True)
     assert set(dy.tolist()) == set(range(9)) and set(dx.tolist()) == set(range(9))
-    assert 0.45 < fl.mean() < 0.55
+    assert 0.45 < fl.float().mean() < 0.55
+
+
+_U64 = (1 << 64) - 1
+
+
+def _mix(x: int) -> int:
+    """splitmix64's finalizer on Python ints (exact, unbounded; masked to 64 bits)."""
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _U64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _U64
+    return x ^ (x >> 31)
+
+
+def _reference_params(seed: int, view: int, index: int, padding: int) -> tuple[int, int, bool]:
+    """The augmentation policy `crop-pad-zero+hflip/splitmix64-v1` (the cache key names it),
+    written independently of kd_ddp.augment's int64 tensor arithmetic."""
+    golden = 0x9E3779B97F4A7C15
+    key = _mix((seed * golden + view) & _U64)
+    h = _mix(((index * golden) & _U64) ^ key)
+    span = 2 * padding + 1
+    return h % span, (h >> 20) % span, bool((h >> 40) & 1)
+
+
+def test_tensor_hash_equals_the_unsigned_64_bit_reference() -> None:
+    """torch has no unsigned 64-bit shifts or remainders: the int64 emulation must give the
+    exact words, for indices and seeds whose words have the top bit set too."""
+    idx = [0, 1, 2, 17, 49_999, 2**31 + 3, 2**40 + 7, 2**62 - 1]
+    for seed, view, padding in ((0, 0, 4), (1, 7, 4), (2**31 + 5, 19, 2), (12345, 3, 7)):
+        dy, dx, fl = crop_flip_params(seed, view, torch.tensor(idx), padding, True)
+        got = list(zip(dy.tolist(), dx.tolist(), fl.tolist()))
+        assert got == [_reference_params(seed, view, i, padding) for i in idx]
 
 
 def test_crop_flip_matches_a_per_sample_reference() -> None:
     imgs = _images()
     idx = torch.arange(100, 106)
     out = augment(imgs, idx, seed=3, view=1, padding=2, flip=True)
-    dy, dx, fl = crop_flip_params(3, 1, idx.numpy(), 2, True)
+    dy, dx, fl = (t.numpy() for t in crop_flip_params(3, 1, idx, 2, True))
     padded = np.pad(imgs.numpy(), ((0, 0), (2, 2), (2, 2), (0, 0)))
     for i in range(len(idx)):
         ref = padded[i, dy[i]:dy[i] + 8, dx[i]:dx[i] + 8]

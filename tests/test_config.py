@@ -35,7 +35,7 @@ def test_epochs_override_sets_every_stage() -> None:
     ("kd.temperature=0", "kd.temperature=0.0: must be > 0"),
     ("optim.epochs=0", "optim.epochs=0: must be >= 1"),
     ("optim.batch_size=0", "optim.batch_size=0: must be >= 1"),
-    ("data.loader=dali", "data.loader='dali': must be one of ffcv, torch"),
+    ("data.loader=dali", "data.loader='dali': must be one of auto, ffcv, torch, device"),
     ("optim.lr=fast", "optim.lr='fast': expected a float"),
     ("optim.nesterov=maybe", "expected a bool"),
     ("kd.alhpa=0.3", "unknown config key 'kd.alhpa' (did you mean kd.alpha?)"),

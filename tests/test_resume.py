@@ -173,3 +173,14 @@ def test_truncated_checkpoint_is_refused_clearly(smoke_run: Path, tmp_path: Path
     for proc in (used, resumed):
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
         assert f"checkpoint {ckpt} is unreadable" in proc.stderr and "delete it to start over" in proc.stderr
+
+
+def test_resume_with_another_precision_is_refused(tmp_path: Path, cache_dir: Path) -> None:
+    """A checkpoint carries its precision's state (an fp16 run's GradScaler): resuming it in
+    another precision is refused with what differs, not a traceback from GradScaler."""
+    args = ["train-student", "--mode", "normal", "--preset", "smoke", f"run.dir={tmp_path}",
+            f"data.cache_dir={cache_dir}", "optim.epochs=1", "tracking.wandb.mode=disabled"]
+    run_cli([*args, "train.amp=bf16"])
+    proc = run_cli([*args, "train.amp=fp16"], check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "precision: checkpoint has 'bfloat16', this run needs 'float16'" in proc.stderr

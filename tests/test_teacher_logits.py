@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from kd_ddp.config import load_config
@@ -18,11 +20,11 @@ from kd_ddp.train import load_trained_teacher
 from tests.conftest import REPO, run_cli, small_tmpfs
 
 
-def _replay(run_dir: Path, cache_dir: Path, nproc: int) -> list[dict]:
+def _replay(run_dir: Path, cache_dir: Path, nproc: int, *overrides: str) -> list[dict]:
     worker = str(REPO / "tests" / "workers" / "replay_check.py")
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
                 if nproc > 1 else [sys.executable])
-    proc = subprocess.run([*launcher, worker, "smoke", f"run.dir={run_dir}", f"data.cache_dir={cache_dir}"],
+    proc = subprocess.run([*launcher, worker, "smoke", f"run.dir={run_dir}", f"data.cache_dir={cache_dir}", *overrides],
                           cwd=REPO, capture_output=True, text=True, timeout=300,
                           env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -45,6 +47,43 @@ def test_cache_replays_the_student_batches_one_process(smoke_run: Path, cache_di
 
 def test_cache_replays_the_student_batches_two_processes(smoke_run_ddp: Path, cache_dir: Path) -> None:
     _check_replay(_replay(smoke_run_ddp, cache_dir, 2), 2)
+
+
+def test_cache_replays_the_student_batches_from_device_resident_data(smoke_run: Path, cache_dir: Path) -> None:
+    """data.loader=device (the GPU loader, here on the CPU): the cache, built through FFCV,
+    holds the logits of exactly the pixels the device-resident batches give the student."""
+    _check_replay(_replay(smoke_run, cache_dir, 1, "data.loader=device"), 1)
+
+
+def test_two_process_cache_build_equals_one_process(smoke_run: Path, tmp_path: Path, cache_dir: Path) -> None:
+    """Two ranks, each writing only its own file (rank 0 the cache, rank 1 a shard it joins):
+    the rows of a one-process build, and the manifest's sha256 is the file's."""
+    shutil.copytree(smoke_run / "teacher", tmp_path / "teacher")
+    run_cli(["cache-logits", "--preset", "smoke", f"run.dir={tmp_path}", f"data.cache_dir={cache_dir}",
+             "tracking.wandb.mode=disabled"], torchrun=2)
+    d = tmp_path / "teacher-logits"
+    assert sorted(p.name for p in d.iterdir()) == ["logits.npy", "manifest.json"]  # no shard left behind
+    manifest = json.loads((d / "manifest.json").read_text())
+    assert manifest["world_size"] == 2
+    assert hashlib.sha256((d / "logits.npy").read_bytes()).hexdigest() == manifest["sha256"]
+    one = np.load(smoke_run / "teacher-logits" / "logits.npy").astype(np.float32)
+    two = np.load(d / "logits.npy").astype(np.float32)
+    assert one.shape == two.shape
+    np.testing.assert_allclose(two, one, atol=2e-3 * max(1.0, float(np.abs(one).max())))
+
+
+def test_live_teacher_after_a_cached_kd_student_is_not_reused(cache_copy: Path, cache_dir: Path) -> None:
+    """The stage fingerprint holds the teacher mode: a finished cached-KD student is neither
+    reported as live nor resumed as one."""
+    common = ["train-student", "--mode", "kd", "--preset", "smoke", f"run.dir={cache_copy}",
+              f"data.cache_dir={cache_dir}", "optim.student_epochs=1", "tracking.wandb.mode=disabled"]
+    run_cli(common)
+    proc = run_cli([*common, "kd.teacher=live"], check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "already trained" not in proc.stderr
+    assert "kd.teacher: checkpoint has 'cached', this run needs 'live'" in proc.stderr
+    summary = json.loads((cache_copy / "student-kd" / "summary.json").read_text())
+    assert summary["kd"]["teacher"] == "cached"
 
 
 @pytest.fixture()
