@@ -20,10 +20,10 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import ddp, kd_accuracy, kd_epoch, loader, memory, pipeline, train_step
+from benchmarks import ddp, kd_accuracy, kd_epoch, loader, loop_compare, memory, pipeline, train_step
 from kd_ddp.tracking import cpu_name
 
-ALL = ("loader", "train_step", "compute_limit", "kd_epoch", "kd_accuracy", "ddp", "memory", "pipeline")
+ALL = ("loader", "train_step", "compute_limit", "loop_compare", "kd_epoch", "kd_accuracy", "ddp", "memory", "pipeline")
 
 
 def machine() -> str:
@@ -38,6 +38,11 @@ def main() -> None:
     p.add_argument("--data-root", default="../shared/data/cifar10-jpeg.tar.gz")
     p.add_argument("--cache-dir", default="", help="data cache (default: a temp dir, so data is prepared anew)")
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--batch", type=int, default=256, help="train_step: the batch of the step variants")
+    p.add_argument("--baseline", default="",
+                   help="loop_compare: the git revision whose training loop this tree's is timed against")
+    p.add_argument("--limit-preset", default="",
+                   help="compute_limit: the preset whose stages are timed (default: seed-gpu on a GPU, quick on a CPU)")
     p.add_argument("--out", default=str(Path(__file__).parent), help="where results.md/json go")
     args = p.parse_args()
     out_dir = Path(args.out)
@@ -57,11 +62,19 @@ def main() -> None:
             md += ["### Data loading (training augmentation, batch 256)", "", loader.markdown(results["loader"]), ""]
         steps = limit = None
         if "train_step" in args.only:
-            steps = results["train_step"] = train_step.run_steps(teachers, steps=5, repeats=args.repeats)
+            steps = results["train_step"] = train_step.run_steps(teachers, cache, work / "steps", steps=5,
+                                                                 batch=args.batch, repeats=args.repeats)
         if "compute_limit" in args.only:
-            limit = results["compute_limit"] = train_step.run_compute_limit(args.data_root, cache, work / "limit")
+            preset = args.limit_preset or ("seed-gpu" if torch.cuda.is_available() else "quick")
+            limit = results["compute_limit"] = train_step.run_compute_limit(args.data_root, cache, work / "limit",
+                                                                            preset=preset)
         if steps or limit:
-            md += ["### Teacher training step (batch 256)", "", train_step.markdown(steps or [], limit), ""]
+            md += [f"### Training step (batch {args.batch}) and each stage's distance to its compute limit", "",
+                   train_step.markdown(steps or [], limit), ""]
+        if "loop_compare" in args.only and args.baseline:
+            results["loop_compare"] = loop_compare.run(args.baseline, args.data_root, work / "loop")
+            md += [f"### Training loop vs revision {args.baseline}, side by side", "",
+                   loop_compare.markdown(results["loop_compare"]), ""]
         if "kd_epoch" in args.only:
             data = [f"data.root={args.data_root}", f"data.cache_dir={cache}"]
             # The quick preset's teacher and the seed preset's (4x its FLOPs); the seed row

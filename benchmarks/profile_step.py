@@ -11,15 +11,15 @@ live teacher forward (the live/cached ratio is the teacher forward's share of th
 from __future__ import annotations
 
 import argparse
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 from benchmarks import train_step
-from kd_ddp import losses
-from kd_ddp.config import load_config
-from kd_ddp.models import build_model
+from kd_ddp.train import make_model
 
 
 def _profile(step: Callable[[], None], steps: int, title: str, rows: int) -> float:
@@ -38,33 +38,33 @@ def _profile(step: Callable[[], None], steps: int, title: str, rows: int) -> flo
     return total_ms
 
 
-def teacher_step(model_name: str, width: int, dtype: torch.dtype | None, batch: int) -> Callable[[], None]:
-    cfg = load_config("quick", [f"model.teacher={model_name}", f"model.teacher_width={width}"])
-    return train_step.teacher_step(cfg, True, dtype, batch)
+def _setup(model_name: str, width: int, batch: int, amp: str) -> tuple:
+    cache = Path(tempfile.gettempdir()) / "kd-profile-cache"
+    work = Path(tempfile.mkdtemp(prefix="kd-profile-"))
+    return train_step.synthetic(cache, work, batch, [f"model.teacher={model_name}", f"model.teacher_width={width}",
+                                                     f"train.amp={amp}"], torch.device("cpu"))
+
+
+def teacher_step(model_name: str, width: int, amp: str, batch: int) -> Callable[[], None]:
+    return train_step.step_fn(*_setup(model_name, width, batch, amp))
 
 
 def kd_step(model_name: str, width: int, live: bool, batch: int) -> Callable[[], None]:
-    cfg = load_config("quick", [f"model.teacher={model_name}", f"model.teacher_width={width}"])
-    torch.manual_seed(0)
-    student = build_model(cfg, "student", 10).to(memory_format=torch.channels_last)
-    teacher = build_model(cfg, "teacher", 10).to(memory_format=torch.channels_last).eval()
-    opt = torch.optim.SGD(student.parameters(), lr=0.01, momentum=0.9)
-    x = torch.randn(batch, 3, 32, 32).contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 10, (batch,))
-    cached = torch.randn(batch, 10)
+    """The KD student's train_step with the teacher's logits from a table (as the cache gives
+    them) or from a live forward of an (untrained: its cost is the same) teacher."""
+    cfg, env, data = _setup(model_name, width, batch, "off")
+    if live:
+        teacher = make_model(cfg, "teacher", data.num_classes, env).eval()
 
-    def step() -> None:
-        if live:
-            with torch.no_grad():
-                t = teacher(x)
-        else:
-            t = cached
-        loss = losses.kd_loss(student(x), t, y, 0.5, 4.0)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        @torch.no_grad()
+        def logits(x: torch.Tensor, idx: torch.Tensor, view: int) -> torch.Tensor:
+            return teacher(x).float()
+    else:
+        table = torch.randn(data.size("train"), data.num_classes)
 
-    return step
+        def logits(x: torch.Tensor, idx: torch.Tensor, view: int) -> torch.Tensor:
+            return table[idx]
+    return train_step.step_fn(cfg, env, data, "student-kd", logits)
 
 
 def main() -> None:
@@ -76,8 +76,8 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=6)
     a = p.parse_args()
     name = f"{a.model} w{a.width}"
-    fp32 = _profile(teacher_step(a.model, a.width, None, a.batch), a.steps, f"teacher {name}, fp32", a.rows)
-    bf16 = _profile(teacher_step(a.model, a.width, torch.bfloat16, a.batch), a.steps,
+    fp32 = _profile(teacher_step(a.model, a.width, "off", a.batch), a.steps, f"teacher {name}, fp32", a.rows)
+    bf16 = _profile(teacher_step(a.model, a.width, "bf16", a.batch), a.steps,
                     f"teacher {name}, bf16 autocast", a.rows)
     cached = _profile(kd_step(a.model, a.width, False, a.batch), a.steps, "KD student step, cached logits", a.rows)
     live = _profile(kd_step(a.model, a.width, True, a.batch), a.steps, f"KD student step, live {name}", a.rows)
