@@ -111,8 +111,9 @@ def broadcast_object(obj: object, env: DistEnv) -> object:
 
 def all_reduce_tensor(t: torch.Tensor, env: DistEnv) -> torch.Tensor:
     """Sum a tensor over ranks in place, where it lives (a GPU tensor stays on the GPU: NCCL
-    queues the sum behind the step, the host does not wait for it)."""
-    if env.distributed:
+    queues the sum behind the step, the host does not wait for it). A group of one (torchrun
+    with one process) has nothing to sum: no collective is launched."""
+    if env.distributed and env.world_size > 1:
         dist.all_reduce(t)
     return t
 

@@ -244,7 +244,7 @@ def broadcast_buffers(model: nn.Module, env: DistEnv) -> None:
     rank's last forward updated its own; evaluated as they are, each rank's shard of the
     test set would meet another model, and the metrics would depend on the world size.
     Rank 0's are the ones its checkpoint holds."""
-    if env.distributed:
+    if env.distributed and env.world_size > 1:
         for buf in model.buffers():
             dist.broadcast(buf, src=0)
 
