@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ class DistEnv:
     # torchrun of one process still joins a process group (see setup)
     group_of_one: bool = False
     backend: str = "none"  # of the process group: nccl | gloo | none
+    cpus: int = 1  # CPUs this rank may use (rank_cpus): its torch threads and FFCV workers
 
     @property
     def is_main(self) -> bool:
@@ -34,18 +36,59 @@ class DistEnv:
 
 
 def available_cores() -> int:
+    """The CPUs this process may run on. os.sched_getaffinity, not psutil's cpu_affinity: the
+    same call, with no dependency (psutil is used where it adds something, kd_ddp/doctor.py)."""
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         return os.cpu_count() or 1
 
 
+def rank_cpus(local_world_size: int) -> int:
+    """The CPUs one rank may use. Ranks that torchrun (or a hand-made launch) starts share the
+    affinity mask of their launcher and split it. A Slurm task is one rank (launch/slurm.py):
+    its mask is its own, cpus_per_task CPUs under task/affinity; under task/none it is the
+    whole node, so SLURM_CPUS_PER_TASK caps it."""
+    cores = available_cores()
+    in_slurm_step = "SLURM_STEP_ID" in os.environ and "SLURM_CPUS_PER_TASK" in os.environ
+    if in_slurm_step:
+        cores = min(cores, int(os.environ["SLURM_CPUS_PER_TASK"]))
+    if in_slurm_step and "TORCHELASTIC_RUN_ID" not in os.environ:
+        return max(1, cores)
+    return max(1, cores // local_world_size)
+
+
 def pick_device(requested: str, local_rank: int) -> torch.device:
     if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
-            raise ConfigError("train.device=cuda but no CUDA device is visible")
+            raise ConfigError(f"train.device=cuda but no CUDA device is visible ({cuda_visibility()})")
         return torch.device("cuda", local_rank % torch.cuda.device_count())
     return torch.device("cpu")
+
+
+def cuda_visibility() -> str:
+    """Why torch may see no GPU: its build and what the scheduler exposed."""
+    build = f"torch {torch.__version__}, " + (f"built for CUDA {torch.version.cuda}" if torch.version.cuda
+                                                else "a CPU-only build")
+    keys = ("CUDA_VISIBLE_DEVICES", "SLURM_GPUS_ON_NODE", "SLURM_JOB_GPUS", "SLURM_STEP_GPUS")
+    exposed = [f"{k}={os.environ[k]}" for k in keys if k in os.environ]
+    return f"{build}; {', '.join(exposed) or 'CUDA_VISIBLE_DEVICES not set'}"
+
+
+def import_ffcv_first() -> None:
+    """Importing FFCV sets torch's threads to 1 (ffcv/pipeline/compiler.py, at import time), and
+    prepare_data imports it whenever it is installed: import it before the threads are chosen,
+    so that they stay chosen. (FFCV's loaders set torch's threads to data.num_workers, which is
+    the same number unless that field is set.)"""
+    if available_cores() == 1:
+        # FFCV's numba with its default TBB threading layer hangs at interpreter exit in a
+        # process bound to one CPU (a Slurm task of cpus_per_task=1, taskset -c 0) once its
+        # DatasetWriter has run; numba's own workqueue layer does not. numba reads this when
+        # it is imported.
+        os.environ.setdefault("NUMBA_THREADING_LAYER", "workqueue")
+    # Not installed, or a build that does not load: the loaders say so when they need it.
+    with contextlib.suppress(Exception):
+        import ffcv  # noqa: F401
 
 
 def setup(cfg: Config) -> DistEnv:
@@ -58,8 +101,9 @@ def setup(cfg: Config) -> DistEnv:
     )
     env.device = pick_device(cfg.train.device, env.local_rank)
     # Ranks sharing a node must split its cores, or they thrash each other.
-    threads = cfg.train.threads or max(1, available_cores() // env.local_world_size)
-    torch.set_num_threads(threads)
+    env.cpus = rank_cpus(env.local_world_size)
+    import_ffcv_first()
+    torch.set_num_threads(cfg.train.threads or env.cpus)
     # Under torchrun even one process joins a group, so `--nproc_per_node=1` on a one-GPU
     # machine runs the NCCL + DDP path of a multi-GPU job (a plain `kd-ddp` run stays group-free).
     env.group_of_one = env.world_size == 1 and "TORCHELASTIC_RUN_ID" in os.environ
