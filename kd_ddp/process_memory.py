@@ -1,4 +1,9 @@
-"""This process's resident memory, read without importing torch (benchmarks time the import)."""
+"""This process's resident memory, read without importing torch (benchmarks time the import).
+
+Read from /proc by hand rather than with psutil (a dependency since kd_ddp/doctor.py): psutil
+gives the current RSS but not the peak (VmHWM), which is the number the summaries need, so it
+would replace one of the two reads and leave the other.
+"""
 
 from __future__ import annotations
 
