@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import errno
 import fcntl
+import json
 import logging
 import os
 import socket
@@ -20,7 +21,7 @@ from typing import IO, Any
 
 from kd_ddp import distributed, tracking
 from kd_ddp.checkpoint import NO_SPACE_HINT, CheckpointError, NoSpaceError, atomic_write_json
-from kd_ddp.config import Config, ConfigError, load_config
+from kd_ddp.config import Config, ConfigError, config_yaml, load_config
 from kd_ddp.data import prepare_data
 from kd_ddp.sources import DataError
 from kd_ddp.teacher_logits import CacheError, build_cache, check_cache
@@ -87,6 +88,16 @@ def lock_names(stage: str, mode: str) -> list[str]:
     return [f"train-student-{mode}" if stage == "train-student" else stage]
 
 
+def make_run_dir(run_dir: Path) -> None:
+    """Create the run dir; a path taken by a file, or under one, is a user error."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise ConfigError(f"run.dir {run_dir} is an existing file, or lies under one: give a directory") from None
+    except PermissionError as e:
+        raise ConfigError(f"cannot create run.dir {run_dir}: {e.strerror}") from None
+
+
 def run_stage(cfg: Config, stage: str, mode: str = "kd", wandb_report: bool = False,
               push_wandb_report: bool = False) -> dict[str, Any]:
     """Run one stage (or the whole pipeline) in this process, which may be one rank of many.
@@ -100,7 +111,7 @@ def run_stage(cfg: Config, stage: str, mode: str = "kd", wandb_report: bool = Fa
     try:
         if env.is_main:
             tracking.preflight(cfg)  # a missing W&B API key fails here, not after an epoch
-            cfg.run_dir.mkdir(parents=True, exist_ok=True)
+            make_run_dir(cfg.run_dir)
             for name in lock_names(stage, mode):
                 locks.append(lock_run_dir(cfg.run_dir, name))
             atomic_write_json(cfg.run_dir / f"config.{stage}.json", cfg.to_dict())
@@ -143,10 +154,30 @@ def run_stage(cfg: Config, stage: str, mode: str = "kd", wandb_report: bool = Fa
         distributed.teardown()
 
 
+CONFIG_HELP = """configuration:
+  kd-ddp config [--preset P] [--config FILE] [section.field=value ...] prints the resolved
+  config, every field with its comment (YAML; --format json for plain JSON). Any command
+  takes --config FILE (that output, or a run dir's config.<stage>.json): the preset, then
+  the file's fields, then the section.field=value overrides, each over the one before."""
+
+
+def print_config(cfg: Config, fmt: str) -> None:
+    """`kd-ddp config`: the resolved config on stdout, loadable back with --config."""
+    if fmt == "json":
+        print(json.dumps(cfg.to_dict(), indent=1, sort_keys=True))
+        return
+    print(config_yaml(cfg, [f"kd-ddp config, preset {cfg.preset}; every field below its comment.",
+                            "Use: kd-ddp STAGE --config THIS_FILE [section.field=value ...]"]), end="")
+
+
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Config]:
-    p = argparse.ArgumentParser(prog="kd-ddp", description=__doc__.splitlines()[0])
-    p.add_argument("stage", choices=STAGE_COMMANDS)
-    p.add_argument("--preset", default="quick", help="smoke | quick | seed (default: quick)")
+    p = argparse.ArgumentParser(prog="kd-ddp", description=__doc__.splitlines()[0], epilog=CONFIG_HELP,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("stage", choices=(*STAGE_COMMANDS, "config"))
+    p.add_argument("--preset", default=None, help="smoke | quick | seed (default: the --config file's, else quick)")
+    p.add_argument("--config", metavar="FILE", help="JSON or YAML config (kd-ddp config prints one); "
+                                                    "the overrides apply over it")
+    p.add_argument("--format", choices=("yaml", "json"), default="yaml", help="config only: output format")
     p.add_argument("--mode", choices=("normal", "kd"), default="kd", help="train-student only")
     p.add_argument("--wandb-report", action="store_true",
                    help="report only: build the W&B report (saved if online with an API key, "
@@ -155,12 +186,15 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Confi
                    help="report only: upload report/wandb_report.json (after `wandb sync`)")
     p.add_argument("overrides", nargs="*", metavar="section.field=value")
     args = p.parse_intermixed_args(argv)
-    return args, load_config(args.preset, args.overrides)
+    return args, load_config(args.preset, args.overrides, args.config)
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
         args, cfg = parse_args(argv)
+        if args.stage == "config":
+            print_config(cfg, args.format)
+            return 0
         run_stage(cfg, args.stage, args.mode, args.wandb_report, args.push_wandb_report)
     except USER_ERRORS as e:
         print(f"kd-ddp: error: {e}", file=sys.stderr)

@@ -7,11 +7,18 @@ build it with `load_config(preset, overrides)` where each override is `section.f
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import difflib
+import functools
 import hashlib
+import inspect
+import io
 import json
+import math
 import os
+import textwrap
+import tokenize
 import types
 import typing
 from dataclasses import dataclass, field
@@ -362,22 +369,43 @@ def from_dict(data: dict[str, Any]) -> Config:
     return build(Config, data)
 
 
-def load_config(preset: str = "quick", overrides: list[str] | None = None) -> Config:
-    if preset not in PRESETS:
-        close = difflib.get_close_matches(preset, PRESETS.keys(), n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ConfigError(f"unknown preset {preset!r}{hint}; presets: {', '.join(PRESETS)}")
-    cfg = Config(preset=preset)
-    PRESETS[preset](cfg)
+def load_config(preset: str | None = None, overrides: list[str] | None = None,
+                config_file: str | Path | None = None) -> Config:
+    """The dataclass defaults, then the preset, then `config_file`, then `overrides`.
+
+    The preset is `preset`, else the `preset` named in the file, else quick; a file made
+    with another preset than the one asked for is refused. The file (JSON or YAML, as
+    `kd-ddp config` prints it or a run dir's `config.<stage>.json`) may name any subset of
+    the fields."""
+    values = read_config_file(config_file) if config_file is not None else {}
+    cfg = Config(preset=_choose_preset(preset, values.get("preset"), config_file))
+    PRESETS[cfg.preset](cfg)
+    if values:
+        apply_file_values(cfg, values, str(config_file))
     overrides = overrides or []
-    keys = {o.partition("=")[0].strip().lstrip("-") for o in overrides}
-    if "optim.epochs" in keys:
-        # `optim.epochs=N` on the command line sets every stage, beating the preset's
-        # stage-specific values; a stage-specific override given beside it still wins.
-        cfg.optim.teacher_epochs = cfg.optim.student_epochs = 0
+    _reset_stage_epochs(cfg, {o.partition("=")[0].strip().lstrip("-") for o in overrides})
     apply_overrides(cfg, overrides)
     validate(cfg)
     return cfg
+
+
+def _choose_preset(asked: str | None, in_file: Any, config_file: str | Path | None) -> str:
+    if asked and in_file and asked != in_file:
+        raise ConfigError(f"preset {asked!r} was asked for but {config_file} was made with preset {in_file!r}: "
+                          "drop --preset (the file's preset is used) or the file's preset key")
+    name = asked or in_file or "quick"
+    if not isinstance(name, str) or name not in PRESETS:
+        close = difflib.get_close_matches(str(name), PRESETS.keys(), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"unknown preset {name!r}{hint}; presets: {', '.join(PRESETS)}")
+    return name
+
+
+def _reset_stage_epochs(cfg: Config, keys: typing.Iterable[str]) -> None:
+    if "optim.epochs" in keys:
+        # `optim.epochs=N` (on the command line or in a file) sets every stage, beating the
+        # stage-specific values below it; a stage-specific value given beside it still wins.
+        cfg.optim.teacher_epochs = cfg.optim.student_epochs = 0
 
 
 def validate(cfg: Config) -> None:
@@ -466,3 +494,188 @@ def fingerprint(values: Any) -> str:
     """Stable short hash of JSON-able values (used to tell whether outputs still match)."""
     blob = json.dumps(values, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+# -- config files and field comments ----------------------------------------------------
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The mapping in a JSON (`.json`) or YAML (anything else; needs PyYAML) config file."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"config file {p} does not exist") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read config file {p}: {e}") from None
+    values = _parse_json(p, text) if p.suffix.lower() == ".json" else _parse_yaml(p, text)
+    if values is None:  # an empty YAML file, or one holding only comments
+        return {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"config file {p}: expected a mapping of sections and fields, got {type(values).__name__}")
+    return values
+
+
+def _parse_json(path: Path, text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"config file {path} is not valid JSON: {e.msg} (line {e.lineno}, column {e.colno})"
+                          ) from None
+
+
+def _parse_yaml(path: Path, text: str) -> Any:
+    try:
+        import yaml
+    except ImportError:
+        raise ConfigError(f"config file {path}: reading YAML needs PyYAML (pip install pyyaml); "
+                          "a .json file (kd-ddp config --format json) needs nothing") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+
+
+def apply_file_values(cfg: Config, values: dict[str, Any], where: str) -> Config:
+    """Set the fields named in `values` (nested sections, as `to_dict()` gives them); unknown
+    keys and values of the wrong type are refused, naming `where` (the file)."""
+    leaves = _leaf_fields(cfg)
+    sections = {".".join(key.split(".")[:depth]) for key in leaves for depth in range(1, key.count(".") + 1)}
+    given, unknown = _flatten(values, leaves, sections, where)
+    if unknown:
+        known = [*leaves, *sections]
+        raise ConfigError(f"{where}: unknown config key(s) " + ", ".join(
+            f"{k!r}" + (f" (did you mean {c[0]}?)" if (c := difflib.get_close_matches(k, known, n=1)) else "")
+            for k in unknown))
+    _reset_stage_epochs(cfg, given)
+    for key, value in given.items():
+        owner, name, typ = leaves[key]
+        setattr(owner, name, _coerce(f"{where}: {key}", value, typ))
+    return cfg
+
+
+def _flatten(values: dict[str, Any], leaves: dict[str, Any], sections: set[str], where: str,
+             prefix: str = "") -> tuple[dict[str, Any], list[str]]:
+    """({'a.b': value} for every known leaf in `values`, [unknown dotted keys])."""
+    given: dict[str, Any] = {}
+    unknown: list[str] = []
+    for k, v in values.items():
+        key = f"{prefix}{k}"
+        if key in sections and isinstance(v, dict):
+            sub, bad = _flatten(v, leaves, sections, where, key + ".")
+            given |= sub
+            unknown += bad
+        elif key in sections:
+            raise ConfigError(f"{where}: {key} is a section: expected a mapping of its fields, got {v!r}")
+        elif key in leaves:
+            given[key] = v
+        else:
+            unknown.append(key)
+    return given, unknown
+
+
+def _coerce(key: str, value: Any, typ: Any) -> Any:
+    """A value read from a file, checked against its field's type. A string is parsed as on
+    the command line (YAML reads `1e-3` as a string), a number in a string field becomes its
+    text (YAML reads `gpus: 4` as a number); an int stays an int in a float field, so that a
+    file reproduces the `to_dict()` it was written from."""
+    if typing.get_origin(typ) is list and isinstance(value, list):
+        (item,) = typing.get_args(typ)
+        return [_coerce(key, v, item) for v in value]
+    if isinstance(value, str):
+        return _parse_value(key, value, typ)
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    if typ is str and number:
+        return str(value)
+    if (typ is float and number) or (typ in (int, bool) and type(value) is typ):
+        return value
+    raise ConfigError(f"{key}: expected a {getattr(typ, '__name__', typ)}, got {value!r}")
+
+
+@functools.cache
+def _source_comments(cls: type) -> dict[str, str]:
+    """Field name -> the comment written beside that field in `cls`'s source: the comment-only
+    lines directly above it and a comment at the end of its line(s), joined. {} when the source
+    cannot be read (e.g. an installed .pyc only)."""
+    try:
+        source = textwrap.dedent(inspect.getsource(cls))
+    except (OSError, TypeError):
+        return {}
+    comments = {tok.start[0]: tok.string.lstrip("#").strip()
+                for tok in tokenize.generate_tokens(io.StringIO(source).readline) if tok.type == tokenize.COMMENT}
+    lines = source.splitlines()
+    out: dict[str, str] = {}
+    for stmt in next(n for n in ast.parse(source).body if isinstance(n, ast.ClassDef)).body:
+        if not (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)):
+            continue
+        above: list[str] = []
+        line = stmt.lineno - 1
+        while line in comments and lines[line - 1].lstrip().startswith("#"):
+            above.insert(0, comments[line])
+            line -= 1
+        beside = [comments[n] for n in range(stmt.lineno, (stmt.end_lineno or stmt.lineno) + 1) if n in comments]
+        text = " ".join(c for c in above + beside if c)
+        if text:
+            out[stmt.target.id] = text
+    return out
+
+
+def field_comments(cls: type = Config, prefix: str = "") -> dict[str, str]:
+    """'section.field' -> its comment in this module's source, for every field and section of
+    `cls` that has one (a section without a comment takes its class docstring's first line)."""
+    out: dict[str, str] = {}
+    own = _source_comments(cls)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key, typ = prefix + f.name, hints[f.name]
+        doc = (typ.__doc__ or "").strip() if dataclasses.is_dataclass(typ) else ""
+        if f.name in own:
+            out[key] = own[f.name]
+        elif doc and not doc.startswith(f"{typ.__name__}("):  # not the signature dataclass makes up
+            out[key] = doc.splitlines()[0]
+        if dataclasses.is_dataclass(typ):
+            out |= field_comments(typ, key + ".")
+    return out
+
+
+def config_yaml(cfg: Config, header: list[str] | None = None) -> str:
+    """The config as YAML, each field under its comment from this module's source; PyYAML and
+    `load_config(config_file=...)` read it back to the same Config."""
+    lines = [f"# {h}" for h in header or []]
+    return "\n".join(lines + _yaml_lines(cfg, field_comments(type(cfg)))) + "\n"
+
+
+def _yaml_lines(obj: Any, comments: dict[str, str], prefix: str = "", depth: int = 0) -> list[str]:
+    pad = "  " * depth
+    lines: list[str] = []
+    for f in dataclasses.fields(obj):
+        key, value = prefix + f.name, getattr(obj, f.name)
+        lines += [f"{pad}# {part}" for part in textwrap.wrap(comments.get(key, ""), 100 - len(pad))]
+        if dataclasses.is_dataclass(value):
+            lines += [f"{pad}{f.name}:", *_yaml_lines(value, comments, key + ".", depth + 1)]
+        else:
+            lines.append(f"{pad}{f.name}: {_yaml_scalar(value)}")
+    return lines
+
+
+def _yaml_scalar(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value) or math.isinf(value):
+            return ".nan" if math.isnan(value) else ("-.inf" if value < 0 else ".inf")
+        text = repr(value)  # YAML 1.1 (PyYAML) takes `1e-05` for a string: needs `1.0e-05`
+        return text if "." in text or "e" not in text else text.replace("e", ".0e", 1)
+    if isinstance(value, list):
+        return "[" + ", ".join(_yaml_scalar(v) for v in value) + "]"
+    return _yaml_string(str(value))
+
+
+def _yaml_string(text: str) -> str:
+    """A double-quoted YAML scalar: JSON's escapes, plus \\u/\\U escapes for characters YAML
+    does not take raw (C1 controls, line separators, ...)."""
+    body = json.dumps(text, ensure_ascii=False)[1:-1]
+    return '"' + "".join(c if c.isprintable() else (f"\\u{ord(c):04x}" if ord(c) <= 0xFFFF else f"\\U{ord(c):08x}")
+                         for c in body) + '"'
