@@ -85,15 +85,22 @@ def _load_image(args: tuple[str, int, bool]) -> np.ndarray | None:
         raise DataError(f"cannot read image {path}: {e} (data.skip_bad_images=true skips such files)") from None
 
 
+def _visible(d: Path) -> list[Path]:
+    """The entries of `d` in name order, without hidden ones (`.ipynb_checkpoints/`,
+    `.DS_Store`, macOS `._name.jpg` resource forks), which are not data."""
+    return sorted((p for p in d.iterdir() if not p.name.startswith(".")), key=lambda p: p.name)
+
+
 def _list_split(root: Path) -> tuple[list[str], list[tuple[str, int]]]:
     if not root.is_dir():
         raise DataError(f"missing directory {root}")
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
-    if not classes:
-        raise DataError(f"{root} has no class sub-directories")
+    classes = [p.name for p in _visible(root) if p.is_dir()]
+    if len(classes) < 2:
+        found = f"only {classes[0]!r}" if classes else "none"
+        raise DataError(f"{root} needs at least two class sub-directories (one per class), found {found}")
     items = []
     for label, name in enumerate(classes):
-        for p in sorted((root / name).iterdir()):
+        for p in _visible(root / name):
             if p.suffix.lower() in IMAGE_SUFFIXES:
                 items.append((str(p), label))
     if not items:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pickle
 import tarfile
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,15 @@ from PIL import Image
 
 from kd_ddp.checkpoint import NoSpaceError, atomic_output
 from kd_ddp.config import load_config
-from kd_ddp.data import EvalLoader, TrainLoader, epoch_order, eval_indices, ffcv_available, prepare_data
+from kd_ddp.data import (
+    EvalLoader,
+    TrainLoader,
+    channel_stats,
+    epoch_order,
+    eval_indices,
+    ffcv_available,
+    prepare_data,
+)
 from kd_ddp.distributed import DistEnv
 from kd_ddp.sources import DataError, cifar_batches, imagefolder
 from tests.conftest import run_cli, small_tmpfs
@@ -50,6 +59,7 @@ def write_cifar_batches(root: Path, n_per_batch: int) -> dict[str, np.ndarray]:
     return written
 
 
+@pytest.mark.fast
 def test_imagefolder_grayscale_odd_size_becomes_rgb(tmp_path: Path) -> None:
     write_imagefolder(tmp_path, ["a", "b", "c"], 4, 28, "L")
     raw = imagefolder(tmp_path, 32, workers=1)
@@ -60,6 +70,7 @@ def test_imagefolder_grayscale_odd_size_becomes_rgb(tmp_path: Path) -> None:
     assert (raw.train.images[..., 0] == raw.train.images[..., 2]).all()
 
 
+@pytest.mark.fast
 def test_imagefolder_errors_are_clear(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="does not exist"):
         imagefolder(tmp_path / "nope", 32, 1)
@@ -69,6 +80,7 @@ def test_imagefolder_errors_are_clear(tmp_path: Path) -> None:
         imagefolder(tmp_path, 8, 1)
 
 
+@pytest.mark.fast
 def test_corrupt_image_is_named(tmp_path: Path) -> None:
     write_imagefolder(tmp_path, ["a", "b"], 2, 8, "RGB")
     bad = tmp_path / "train" / "a" / "0001.png"
@@ -77,6 +89,7 @@ def test_corrupt_image_is_named(tmp_path: Path) -> None:
         imagefolder(tmp_path, 8, 1)
 
 
+@pytest.mark.fast
 def test_cifar_batches_reader(tmp_path: Path) -> None:
     written = write_cifar_batches(tmp_path, 7)
     raw = cifar_batches(tmp_path, 32)
@@ -87,6 +100,7 @@ def test_cifar_batches_reader(tmp_path: Path) -> None:
     np.testing.assert_array_equal(raw.train.images[0], first)
 
 
+@pytest.mark.fast
 def test_archive_source_extracts_into_the_cache(tmp_path: Path) -> None:
     tree = tmp_path / "tree"
     write_imagefolder(tree / "mini", ["x", "y"], 3, 16, "RGB")
@@ -101,6 +115,7 @@ def test_archive_source_extracts_into_the_cache(tmp_path: Path) -> None:
     assert len(extracted) == 1 and (extracted[0] / "mini" / "train" / "x").is_dir()
 
 
+@pytest.mark.fast
 def test_prepare_is_done_once_and_stats_come_from_train(tmp_path: Path) -> None:
     cfg = load_config("smoke", [f"data.cache_dir={tmp_path}", "data.synthetic_train=64", "data.synthetic_test=32"])
     data = prepare_data(cfg, DistEnv())
@@ -112,6 +127,7 @@ def test_prepare_is_done_once_and_stats_come_from_train(tmp_path: Path) -> None:
     assert again.file("meta.json").stat().st_mtime_ns == stamp
 
 
+@pytest.mark.fast
 def test_truncated_prepared_file_is_rebuilt(tmp_path: Path) -> None:
     cfg = load_config("smoke", [f"data.cache_dir={tmp_path}", "data.synthetic_train=64", "data.synthetic_test=32"])
     data = prepare_data(cfg, DistEnv())
@@ -148,6 +164,7 @@ def test_a_short_write_on_a_disk_that_filled_up_is_no_space(tmp_path: Path) -> N
     assert list(tmp_path.glob("*.npy*")) == list(tmp_path.glob(".b.npy*")) == []
 
 
+@pytest.mark.fast
 @needs_ffcv
 def test_ffcv_round_trip_equals_what_was_written(tmp_path: Path) -> None:
     cfg = load_config("smoke", [f"data.cache_dir={tmp_path}", "data.synthetic_train=100", "data.synthetic_test=30",
@@ -163,6 +180,7 @@ def test_ffcv_round_trip_equals_what_was_written(tmp_path: Path) -> None:
     assert seen == list(range(100))
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("loader", ["ffcv", "torch"])
 def test_train_loader_follows_epoch_order(tmp_path: Path, loader: str) -> None:
     if loader == "ffcv" and not ffcv_available():
@@ -182,6 +200,7 @@ def test_train_loader_follows_epoch_order(tmp_path: Path, loader: str) -> None:
         assert got == want.tolist() and len(got) == 96
 
 
+@pytest.mark.fast
 def test_epoch_order_is_the_same_global_batches_for_any_world_size() -> None:
     one = epoch_order(1000, seed=1, epoch=2, rank=0, world=1, batch_per_rank=64).reshape(-1, 64)
     parts = [epoch_order(1000, seed=1, epoch=2, rank=r, world=2, batch_per_rank=32).reshape(-1, 32) for r in (0, 1)]
@@ -191,14 +210,58 @@ def test_epoch_order_is_the_same_global_batches_for_any_world_size() -> None:
     assert not np.array_equal(one.ravel(), other)
 
 
+@pytest.mark.fast
 def test_eval_shards_cover_every_sample_once() -> None:
     shards = [eval_indices(103, r, 4) for r in range(4)]
     assert sorted(np.concatenate(shards).tolist()) == list(range(103))
 
 
+@pytest.mark.fast
 def test_unreadable_images_can_be_skipped_with_a_count(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     write_imagefolder(tmp_path, ["a", "b"], 3, 8, "RGB")
     (tmp_path / "train" / "a" / "0001.png").write_bytes(b"not a png")
     raw = imagefolder(tmp_path, 8, 1, skip_bad=True)
     assert len(raw.train.labels) == 5 and raw.train.labels.tolist() == [0, 0, 1, 1, 1]
     assert "skipped 1 unreadable image(s)" in caplog.text and "0001.png" in caplog.text
+
+
+@pytest.mark.fast
+def test_a_single_class_is_refused(tmp_path: Path) -> None:
+    write_imagefolder(tmp_path, ["only"], 2, 8, "RGB")
+    with pytest.raises(DataError, match=r"train needs at least two class sub-directories .*found only 'only'"):
+        imagefolder(tmp_path, 8, 1)
+
+
+@pytest.mark.fast
+def test_hidden_entries_are_neither_classes_nor_images(tmp_path: Path) -> None:
+    write_imagefolder(tmp_path, ["a", "b"], 2, 8, "RGB")
+    for split in ("train", "test"):
+        checkpoints = tmp_path / split / ".ipynb_checkpoints"
+        checkpoints.mkdir()
+        (tmp_path / split / "a" / "0000.png").rename(checkpoints / "0000-checkpoint.png")
+        (tmp_path / split / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+        (tmp_path / split / "b" / "._0000.png").write_bytes(b"\0\5\26\7 AppleDouble resource fork")
+        (tmp_path / split / "b" / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    raw = imagefolder(tmp_path, 8, 1)
+    assert raw.classes == ["a", "b"]
+    assert raw.train.labels.tolist() == raw.test.labels.tolist() == [0, 1, 1]
+
+
+@pytest.mark.fast
+def test_channel_stats_in_chunks_equal_the_whole_array_formula() -> None:
+    """The chunked integer sums against the float64 formula prepare_data used before (a copy of
+    the whole split), on a split whose size no chunk divides, and against exact fractions."""
+    images = np.random.default_rng(3).integers(0, 256, (1001, 9, 7, 3), dtype=np.uint8)
+    images[:, :, :, 2] //= 5  # channels with different statistics
+    pixels = images.reshape(-1, 3).astype(np.float64) / 255.0
+    for chunk in (1, 64, 1000, 5000):
+        mean, std = channel_stats(images, chunk=chunk)
+        np.testing.assert_allclose(mean, pixels.mean(axis=0), rtol=1e-12)
+        np.testing.assert_allclose(std, pixels.std(axis=0), rtol=1e-12)
+    tiny = images[:3, :2, :2]
+    values = [[Fraction(int(v), 255) for v in tiny[..., c].ravel()] for c in range(3)]
+    exact_mean = [sum(v) / len(v) for v in values]
+    exact_var = [sum((x - m) ** 2 for x in v) / len(v) for v, m in zip(values, exact_mean)]
+    mean, std = channel_stats(tiny, chunk=2)
+    assert mean == [float(m) for m in exact_mean]
+    np.testing.assert_allclose(std, [float(v) ** 0.5 for v in exact_var], rtol=1e-15)
