@@ -1,9 +1,12 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from kd_ddp.augment import augment, crop_flip_params, normalize
+
+pytestmark = pytest.mark.fast  # in-process unit tests (tests/conftest.py)
 
 
 def _images(n: int = 6, size: int = 8) -> torch.Tensor:
