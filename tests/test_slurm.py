@@ -101,6 +101,7 @@ def common(run_dir: Path, cache_dir: Path) -> list[str]:
 # -- the planner, without a cluster -----------------------------------------------------
 
 
+@pytest.mark.fast
 def test_sweep_grid_and_plan(tmp_path: Path) -> None:
     base, grid = split_grid(["kd.alpha=0.1,0.9", "seed=0,1", "tracking.wandb.tags=a,b", "optim.epochs=3"])
     assert base == ["tracking.wandb.tags=a,b", "optim.epochs=3"]  # a list field keeps its commas
