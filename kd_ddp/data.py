@@ -16,7 +16,6 @@ global batch k always holds the same samples, split across the ranks.
 
 from __future__ import annotations
 
-import fcntl
 import functools
 import hashlib
 import json
@@ -36,6 +35,7 @@ from kd_ddp.augment import to_device
 from kd_ddp.checkpoint import atomic_output, atomic_write_json
 from kd_ddp.config import Config, ConfigError, fingerprint
 from kd_ddp.distributed import DistEnv, available_cores, barrier
+from kd_ddp.locks import file_lock
 from kd_ddp.sources import DataError, RawDataset, Split, read_source
 
 log = logging.getLogger(__name__)
@@ -93,18 +93,6 @@ def source_key(cfg: Config) -> dict[str, Any]:
 
 def prepared_dir(cfg: Config) -> Path:
     return cfg.cache_dir / "prepared" / f"{cfg.data.source}-{fingerprint(source_key(cfg))}"
-
-
-@contextmanager
-def file_lock(path: Path) -> Iterator[None]:
-    """An exclusive advisory lock, so concurrent runs sharing a cache build it once."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _atomic_npy(path: Path, array: np.ndarray) -> None:
@@ -380,7 +368,7 @@ class TrainLoader:
         self.steps = len(self.order(epoch=0)) // self.batch_per_rank
         self.kind = resolve_loader(cfg, data, env.device)
         if self.kind == "ffcv":
-            workers = cfg.data.num_workers or max(1, available_cores() // env.local_world_size)
+            workers = cfg.data.num_workers or env.cpus
             self.impl: Any = FFCVLoader(data, "train", self.batch_per_rank, env.device,
                                         self._remaining_order, True, workers)
         else:
@@ -409,7 +397,7 @@ class EvalLoader:
         bs = batch_size or cfg.train.eval_batch_size
         self.kind = resolve_loader(cfg, data, env.device)
         if self.kind == "ffcv":
-            workers = cfg.data.num_workers or max(1, available_cores() // env.local_world_size)
+            workers = cfg.data.num_workers or env.cpus
             self.impl: Any = FFCVLoader(data, split, bs, env.device, lambda e: self.indices, False, workers)
         else:
             self.impl = TensorLoader(data, split, bs, env.device, self.kind == "device")

@@ -146,14 +146,14 @@ def test_odd_batch_for_world_size_is_refused(tmp_path: Path, cache_dir: Path) ->
 
 
 def test_second_pipeline_on_a_busy_run_dir_is_refused(tmp_path: Path, cache_dir: Path) -> None:
-    from kd_ddp.cli import lock_run_dir
+    from kd_ddp.locks import lock_run_dir
 
     held = lock_run_dir(tmp_path)  # as a running pipeline holds it
     try:
         proc = run_cli(["pipeline", "--preset", "smoke", f"run.dir={tmp_path}", f"data.cache_dir={cache_dir}"],
                        check=False)
     finally:
-        held.close()
+        held.release()
     assert proc.returncode == 2
     assert f"run dir {tmp_path} is in use by pid" in proc.stderr
     assert not (tmp_path / "teacher").exists()
