@@ -24,7 +24,7 @@ from kd_ddp.data import (
     prepare_data,
 )
 from kd_ddp.distributed import DistEnv
-from kd_ddp.sources import DataError, cifar_batches, imagefolder
+from kd_ddp.sources import DataError, cifar_batches, imagefolder, read_archive
 from tests.conftest import run_cli, small_tmpfs
 
 needs_ffcv = pytest.mark.skipif(not ffcv_available(), reason="FFCV not installed")
@@ -101,18 +101,39 @@ def test_cifar_batches_reader(tmp_path: Path) -> None:
 
 
 @pytest.mark.fast
-def test_archive_source_extracts_into_the_cache(tmp_path: Path) -> None:
+def test_archive_source_decodes_the_tree_without_extracting_it(tmp_path: Path) -> None:
+    """The archive's ImageFolder tree (under a top directory, with hidden entries a macOS or
+    Jupyter user leaves behind) gives the arrays of the same tree read from disk, and nothing
+    is extracted into the cache."""
     tree = tmp_path / "tree"
     write_imagefolder(tree / "mini", ["x", "y"], 3, 16, "RGB")
+    (tree / "mini" / "train" / ".ipynb_checkpoints").mkdir()
+    Image.new("RGB", (16, 16)).save(tree / "mini" / "train" / "x" / "._0000.png")
     archive = tmp_path / "mini.tar.gz"
     with tarfile.open(archive, "w:gz") as tar:
-        tar.add(tree / "mini", arcname="mini")
+        tar.add(tree / "mini", arcname="./mini")
     cfg = load_config("smoke", ["data.source=archive", f"data.root={archive}", f"data.cache_dir={tmp_path / 'c'}",
                                 "data.image_size=16"])
     data = prepare_data(cfg, DistEnv())
     assert data.meta["classes"] == ["x", "y"] and data.size("train") == 6
-    extracted = list((tmp_path / "c" / "extracted").iterdir())
-    assert len(extracted) == 1 and (extracted[0] / "mini" / "train" / "x").is_dir()
+    assert not (tmp_path / "c" / "extracted").exists()
+    ref = imagefolder(tree / "mini", 16, 1)
+    for split, want in (("train", ref.train), ("test", ref.test)):
+        np.testing.assert_array_equal(np.load(data.file(f"{split}_images.npy")), want.images)
+        np.testing.assert_array_equal(np.load(data.file(f"{split}_labels.npy")), want.labels)
+
+
+@pytest.mark.fast
+def test_archive_without_a_train_test_tree_is_refused(tmp_path: Path) -> None:
+    write_imagefolder(tmp_path / "tree", ["x", "y"], 1, 8, "RGB")
+    archive = tmp_path / "flat.tar"
+    with tarfile.open(archive, "w") as tar:
+        tar.add(tmp_path / "tree" / "train", arcname="train")  # no test/
+    with pytest.raises(DataError, match="holds no directory with train/ and test/"):
+        read_archive(archive, 8, 1)
+    archive.write_bytes(b"not a tar")
+    with pytest.raises(DataError, match=f"cannot read {archive}"):
+        read_archive(archive, 8, 1)
 
 
 @pytest.mark.fast
