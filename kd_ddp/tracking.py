@@ -155,8 +155,10 @@ def _versions() -> dict[str, str]:
 
 
 def cpu_name() -> str:
-    """The CPU model with its logical CPU count, e.g. "AMD EPYC 7B13 (2 CPUs)"."""
-    name = platform.processor() or platform.machine()
+    """The CPU model with its logical CPU count, e.g. "AMD EPYC 7B13 (2 CPUs)". /proc/cpuinfo
+    first: platform.processor() runs `uname -p` in a subprocess, which a training process
+    need not fork for."""
+    name = ""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -164,7 +166,7 @@ def cpu_name() -> str:
                 break
     except OSError:
         pass
-    return f"{name} ({os.cpu_count()} CPUs)"
+    return f"{name or platform.processor() or platform.machine()} ({os.cpu_count()} CPUs)"
 
 
 def device_name(env: DistEnv) -> str:

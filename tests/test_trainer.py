@@ -62,6 +62,7 @@ def _state(trainer: Trainer) -> list[torch.Tensor]:
     return params + buffers
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("amp", ["off", "fp16"])
 def test_a_nonfinite_step_changes_nothing_and_is_counted(trainer_factory, amp: str) -> None:
     """The update of a bad step is skipped on the device (fused SGD's found_inf; under fp16 via
@@ -80,6 +81,7 @@ def test_a_nonfinite_step_changes_nothing_and_is_counted(trainer_factory, amp: s
     assert int(trainer.tally.nonfinite) == 1 and int(trainer.tally.seen) == len(labels)
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("check_every", [1, 4])
 def test_skipped_steps_are_counted_and_past_the_limit_the_run_stops_naming_the_step(
         trainer_factory, check_every: int) -> None:
@@ -96,6 +98,7 @@ def test_skipped_steps_are_counted_and_past_the_limit_the_run_stops_naming_the_s
     assert [r["epoch"] for r in rows] == [1]
 
 
+@pytest.mark.fast
 def test_within_the_limit_the_stage_finishes_and_reports_the_skips(trainer_factory) -> None:
     trainer = trainer_factory("train.nonfinite_skip_limit=2", "train.check_every=3")
     _poison(trainer, {3, 10})
@@ -105,6 +108,7 @@ def test_within_the_limit_the_stage_finishes_and_reports_the_skips(trainer_facto
     assert all(math.isfinite(r["train_loss"]) for r in rows)
 
 
+@pytest.mark.fast
 def test_logged_lr_is_the_one_the_last_step_used(trainer_factory) -> None:
     trainer = trainer_factory()
     trainer.fit(StageTracker())
@@ -117,6 +121,7 @@ def test_logged_lr_is_the_one_the_last_step_used(trainer_factory) -> None:
     assert rows[-1]["lr"] > 0  # not the schedule's value after the end
 
 
+@pytest.mark.fast
 def test_precision_is_part_of_the_fingerprint(trainer_factory) -> None:
     trainer = trainer_factory()
     fp = {p: stage_fingerprint(trainer.cfg, "teacher", trainer.data, p) for p in ("off", "bfloat16", "float16")}
