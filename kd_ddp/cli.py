@@ -9,20 +9,18 @@ from __future__ import annotations
 
 import argparse
 import errno
-import fcntl
 import json
 import logging
-import os
-import socket
 import sys
 import time
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from kd_ddp import distributed, tracking
 from kd_ddp.checkpoint import NO_SPACE_HINT, CheckpointError, NoSpaceError, atomic_write_json
 from kd_ddp.config import Config, ConfigError, config_yaml, load_config
 from kd_ddp.data import prepare_data
+from kd_ddp.locks import BaseFileLock, LockUnsupported, RunDirBusy, lock_run_dir
 from kd_ddp.sources import DataError
 from kd_ddp.teacher_logits import CacheError, build_cache, check_cache
 from kd_ddp.train import NonFiniteLoss, Preempted, amp_dtype, load_trained_teacher, train_stage
@@ -53,30 +51,8 @@ def cache_logits(cfg: Config, env: distributed.DistEnv, data: Any, rebuild_inval
     return build_cache(cfg, env, data, teacher, teacher_hash, amp_dtype(cfg, env.device))
 
 
-class RunDirBusy(RuntimeError):
-    """Another kd-ddp process works in this run dir."""
-
-
-def lock_run_dir(run_dir: Path, name: str = "") -> IO[str]:
-    """Hold an exclusive lock on the run dir (or on one stage of it: `name`) for this process's
-    lifetime (released by the kernel even on SIGKILL), so two runs never write the same files."""
-    path = run_dir / (f".kd-ddp.{name}.lock" if name else ".kd-ddp.lock")
-    f = open(path, "a+")  # noqa: SIM115 (held open on purpose)
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.seek(0)
-        holder = f.read().strip() or "another process"
-        f.close()
-        raise RunDirBusy(f"run dir {run_dir} is in use by {holder}; wait for it or use another run.dir") from None
-    f.seek(0)
-    f.truncate()
-    f.write(f"pid {os.getpid()} on {socket.gethostname()}")
-    f.flush()
-    return f
-
-
-USER_ERRORS = (ConfigError, DataError, CacheError, CheckpointError, NoSpaceError, FileNotFoundError, RunDirBusy)
+USER_ERRORS = (ConfigError, DataError, CacheError, CheckpointError, NoSpaceError, FileNotFoundError, RunDirBusy,
+               LockUnsupported)
 
 
 def lock_names(stage: str, mode: str) -> list[str]:
@@ -107,7 +83,7 @@ def run_stage(cfg: Config, stage: str, mode: str = "kd", wandb_report: bool = Fa
     """
     env = distributed.setup(cfg)
     setup_logging(env.rank)
-    locks: list[IO[str]] = []
+    locks: list[BaseFileLock] = []
     try:
         if env.is_main:
             tracking.preflight(cfg)  # a missing W&B API key fails here, not after an epoch
@@ -150,7 +126,7 @@ def run_stage(cfg: Config, stage: str, mode: str = "kd", wandb_report: bool = Fa
         return result
     finally:
         for lock in locks:
-            lock.close()  # closing the file releases the flock
+            lock.release()
         distributed.teardown()
 
 
@@ -173,7 +149,7 @@ def print_config(cfg: Config, fmt: str) -> None:
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Config]:
     p = argparse.ArgumentParser(prog="kd-ddp", description=__doc__.splitlines()[0], epilog=CONFIG_HELP,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("stage", choices=(*STAGE_COMMANDS, "config"))
+    p.add_argument("stage", choices=(*STAGE_COMMANDS, "config", "doctor"))
     p.add_argument("--preset", default=None, help="smoke | quick | seed (default: the --config file's, else quick)")
     p.add_argument("--config", metavar="FILE", help="JSON or YAML config (kd-ddp config prints one); "
                                                     "the overrides apply over it")
@@ -195,6 +171,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.stage == "config":
             print_config(cfg, args.format)
             return 0
+        if args.stage == "doctor":  # versions, GPUs, FFCV, filesystems: kd_ddp/doctor.py
+            from kd_ddp import doctor
+            return doctor.main(cfg)
         run_stage(cfg, args.stage, args.mode, args.wandb_report, args.push_wandb_report)
     except USER_ERRORS as e:
         print(f"kd-ddp: error: {e}", file=sys.stderr)

@@ -17,6 +17,7 @@ import io
 import json
 import math
 import os
+import shlex
 import textwrap
 import tokenize
 import types
@@ -134,7 +135,14 @@ class StageResources:
 
     nodes: int = 1
     tasks_per_node: int = 1  # > 1 (or nodes > 1): one torch.distributed rank per task
-    gpus_per_task: int = 0
+    # GPUs as Slurm takes them, a count or TYPE:COUNT ("4", "a100:4"); "" or "0" = none. Of the
+    # three GPU fields the job uses one: gres if set, else gpus_per_task if set, else gpus_per_node.
+    # --gpus-per-node: every task of a node sees all the node's GPUs (NCCL peer-to-peer works).
+    gpus_per_node: str = ""
+    gpus_per_task: str = ""  # --gpus-per-task: each task sees only its own GPUs
+    gres: str = ""  # --gres, for sites that take GPUs only that way: "gpu:a100:4"
+    gpu_bind: str = ""  # --gpu-bind ("none", "closest", ...); "" = the site's default
+    # CPUs of each task (rank): srun binds the task to them, torch uses as many threads.
     cpus_per_task: int = 8
     mem_gb: float = 0  # per node; 0 = the partition's default
     time_min: int = 60
@@ -142,16 +150,77 @@ class StageResources:
     account: str = ""
     qos: str = ""
     constraint: str = ""
-    # More sbatch flags as key=value (or a bare key for a flag): extra=exclusive,mail-type=END
-    extra: list[str] = field(default_factory=list)
+    # More sbatch options, written as on the sbatch command line (values may hold commas):
+    # "--exclusive --mail-type=END,FAIL --nodelist=n[1,3]"
+    extra: str = ""
 
     @property
     def world_size(self) -> int:
         return self.nodes * self.tasks_per_node
 
+    def gpu_request(self) -> tuple[str, str] | None:
+        """The one GPU option the job gets, as (sbatch option, value), or None for no GPU."""
+        for name in ("gres", "gpus_per_task", "gpus_per_node"):
+            value = str(getattr(self, name)).strip()
+            if value not in ("", "0"):
+                return name.replace("_", "-"), value
+        return None
+
+    def gpus_on_node(self) -> int:
+        """GPUs the job asks for on each node (0 = none)."""
+        request = self.gpu_request()
+        if request is None:
+            return 0
+        option, value = request
+        if option == "gres":
+            return gres_gpu_count(value) or 0
+        return (gpu_count(value) or 0) * (self.tasks_per_node if option == "gpus-per-task" else 1)
+
+    def extra_options(self) -> dict[str, str | bool]:
+        """`extra` as {option: value, flag: True}; ValueError naming what does not parse."""
+        return command_line_options(self.extra)
+
+
+def gpu_count(spec: str | int) -> int | None:
+    """The count in a Slurm GPU request ("4" or "a100:4" -> 4, "" -> 0); None when malformed."""
+    text = str(spec).strip()
+    if not text:
+        return 0
+    kind, _, count = text.rpartition(":")
+    if not count.isdigit() or (kind and not kind.replace("-", "").replace("_", "").replace(".", "").isalnum()):
+        return None
+    return int(count)
+
+
+def gres_gpu_count(gres: str) -> int | None:
+    """GPUs in a --gres value ("gpu:a100:2,nvme:1" -> 2; a gpu entry without a count is 1); None when malformed."""
+    total = 0
+    for item in (i.strip() for i in gres.split(",") if i.strip()):
+        parts = item.split(":")
+        if parts[0] != "gpu":
+            continue
+        if len(parts) > 3 or not all(parts):
+            return None
+        count = parts[-1] if len(parts) > 1 and parts[-1].isdigit() else "1"
+        if len(parts) == 3 and not parts[2].isdigit():
+            return None
+        total += int(count)
+    return total
+
+
+def command_line_options(text: str) -> dict[str, str | bool]:
+    """"--exclusive --mail-type=END,FAIL" -> {"exclusive": True, "mail-type": "END,FAIL"} (shell quoting)."""
+    options: dict[str, str | bool] = {}
+    for token in shlex.split(text):
+        key, sep, value = token.partition("=")
+        if not key.startswith("-") or not key.lstrip("-"):
+            raise ValueError(f"{token!r} is not an option: write --key=value or --flag, separated by spaces")
+        options[key.lstrip("-")] = value if sep else True
+    return options
+
 
 def _gpu_stage(time_min: int) -> StageResources:
-    return StageResources(gpus_per_task=1, cpus_per_task=8, mem_gb=32, time_min=time_min)
+    return StageResources(gpus_per_node="1", cpus_per_task=8, mem_gb=32, time_min=time_min)
 
 
 @dataclass
@@ -163,6 +232,15 @@ class SlurmConfig:
     signal_delay_s: int = 120
     max_timeouts: int = 3  # times a job that hits its time limit is requeued to resume
     array_parallelism: int = 64  # sweep students running at once
+    # Shell lines every job runs before it starts its tasks: "module load cuda/12.4; source /shared/kd/bin/activate"
+    setup: str = ""
+    # Environment of every task, NAME=VALUE separated by spaces: "NCCL_SOCKET_IFNAME=ib0 NCCL_DEBUG=WARN"
+    env: str = ""
+    srun_args: str = ""  # more srun options for the tasks, as on the srun command line: "--cpu-bind=cores"
+    # The command that runs Python in the tasks; "" = the launcher's own interpreter.
+    # A wrapper works: "apptainer exec --nv /shared/kd.sif python"
+    python: str = ""
+    wckey: str = ""  # --wckey; "" = none (sites that enforce wckeys refuse submitit's own "submitit")
     prepare_data: StageResources = field(default_factory=lambda: StageResources(mem_gb=16, time_min=60))
     teacher: StageResources = field(default_factory=lambda: _gpu_stage(240))
     cache_logits: StageResources = field(default_factory=lambda: _gpu_stage(60))
@@ -172,6 +250,16 @@ class SlurmConfig:
     def stages(self) -> dict[str, StageResources]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
                 if isinstance(getattr(self, f.name), StageResources)}
+
+    def env_vars(self) -> dict[str, str]:
+        """`env` as {NAME: VALUE}; ValueError naming an item that is not NAME=VALUE."""
+        out: dict[str, str] = {}
+        for token in shlex.split(self.env):
+            name, sep, value = token.partition("=")
+            if not sep or not name.isidentifier():
+                raise ValueError(f"{token!r} is not NAME=VALUE")
+            out[name] = value
+        return out
 
 
 @dataclass
@@ -271,7 +359,8 @@ def _preset_smoke(cfg: Config) -> None:
     cfg.kd.views = 2
     cfg.train.eval_batch_size = 128
     for res in cfg.slurm.stages().values():  # the CPU-only dev cluster of the tests
-        res.gpus_per_task, res.cpus_per_task, res.mem_gb, res.time_min = 0, 1, 1, 30
+        res.gpus_per_node = res.gpus_per_task = res.gres = ""
+        res.cpus_per_task, res.mem_gb, res.time_min = 1, 1, 30
 
 
 PRESETS: dict[str, typing.Callable[[Config], None]] = {
@@ -461,19 +550,40 @@ def _slurm_problems(cfg: Config) -> list[str]:
     problems = [f"slurm.{name}={getattr(s, name)}: must be >= {low}"
                 for name, low in (("signal_delay_s", 0), ("max_timeouts", 0), ("array_parallelism", 1))
                 if getattr(s, name) < low]
+    for name, parse in (("env", s.env_vars), ("srun_args", lambda: shlex.split(s.srun_args)),
+                        ("python", lambda: shlex.split(s.python))):
+        try:
+            parse()
+        except ValueError as e:
+            problems.append(f"slurm.{name}={getattr(s, name)!r}: {e}")
     for stage, res in s.stages().items():
-        key = f"slurm.{stage}"
-        problems += [f"{key}.{name}={getattr(res, name)}: must be >= {low}"
-                     for name, low in (("nodes", 1), ("tasks_per_node", 1), ("gpus_per_task", 0),
-                                       ("cpus_per_task", 1), ("mem_gb", 0), ("time_min", 1))
-                     if getattr(res, name) < low]
-        problems += [f"{key}.extra: {item!r} is not key=value or a flag" for item in res.extra
-                     if not item.partition("=")[0].strip().lstrip("-")]
+        problems += _stage_problems(f"slurm.{stage}", res)
     for stage in ("teacher", "student"):
         ranks = getattr(s, stage).world_size
         if cfg.optim.batch_size % ranks:
             problems.append(f"optim.batch_size={cfg.optim.batch_size} is not divisible by the "
                             f"{ranks} ranks of slurm.{stage} (nodes x tasks_per_node)")
+    return problems
+
+
+def _stage_problems(key: str, res: StageResources) -> list[str]:
+    problems = [f"{key}.{name}={getattr(res, name)}: must be >= {low}"
+                for name, low in (("nodes", 1), ("tasks_per_node", 1), ("cpus_per_task", 1), ("mem_gb", 0),
+                                  ("time_min", 1))
+                if getattr(res, name) < low]
+    for name in ("gpus_per_node", "gpus_per_task"):
+        if gpu_count(getattr(res, name)) is None:
+            problems.append(f"{key}.{name}={getattr(res, name)!r}: expected a count or TYPE:COUNT (4, a100:4)")
+    if gres_gpu_count(res.gres) is None or " " in res.gres.strip():
+        problems.append(f"{key}.gres={res.gres!r}: expected NAME[:TYPE][:COUNT], comma-separated (gpu:a100:4)")
+    per_node = res.gpus_on_node()
+    if 0 < per_node < res.tasks_per_node:
+        problems.append(f"{key}: {res.tasks_per_node} tasks per node but {per_node} GPU(s) per node: "
+                        "each rank needs a GPU of its own")
+    try:
+        res.extra_options()
+    except ValueError as e:
+        problems.append(f"{key}.extra={res.extra!r}: {e}")
     return problems
 
 

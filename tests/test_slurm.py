@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import time
@@ -20,6 +23,7 @@ from typing import Any
 
 import pytest
 
+from launch import ports
 from launch.slurm import Step, expand_wildcards, point_name, split_grid, sweep_steps
 
 REPO = Path(__file__).resolve().parents[1]
@@ -103,8 +107,10 @@ def common(run_dir: Path, cache_dir: Path) -> list[str]:
 
 @pytest.mark.fast
 def test_sweep_grid_and_plan(tmp_path: Path) -> None:
-    base, grid = split_grid(["kd.alpha=0.1,0.9", "seed=0,1", "tracking.wandb.tags=a,b", "optim.epochs=3"])
-    assert base == ["tracking.wandb.tags=a,b", "optim.epochs=3"]  # a list field keeps its commas
+    base, grid = split_grid(["kd.alpha=0.1,0.9", "seed=0,1", "tracking.wandb.tags=a,b", "optim.epochs=3",
+                             "slurm.teacher.extra=--mail-type=END,FAIL"])
+    # list and text fields keep their commas
+    assert base == ["tracking.wandb.tags=a,b", "optim.epochs=3", "slurm.teacher.extra=--mail-type=END,FAIL"]
     assert grid == {"kd.alpha": ["0.1", "0.9"], "seed": ["0", "1"]}
     assert point_name({"kd.alpha": "0.5", "kd.temperature": "4", "seed": "0"}) == "a0.5-t4-s0"
     with pytest.raises(ValueError, match="cannot be swept"):
@@ -117,7 +123,10 @@ def test_sweep_grid_and_plan(tmp_path: Path) -> None:
         ("prepare-data", []), ("train-teacher", ["prepare-data"]),
         ("cache-logits", ["train-teacher"]), ("cache-logits-seed1", ["train-teacher"]),
         ("student-normal", ["cache-logits", "cache-logits-seed1"]),
-        ("student-kd", ["cache-logits", "cache-logits-seed1"]), ("report", ["student-normal", "student-kd"])]
+        ("student-kd", ["cache-logits", "cache-logits-seed1"]), ("report", ["cache-logits", "cache-logits-seed1"])]
+    # The report runs once every student ended, however (afterany), and names the missing points.
+    assert steps[-1].after_any == ["student-normal", "student-kd"]
+    assert list(steps[-1].points) == ["a0.1-s0", "a0.1-s1", "a0.9-s0", "a0.9-s1"]
     kd = steps[5]
     assert kd.names == ["a0.1-s0", "a0.1-s1", "a0.9-s0", "a0.9-s1"]
     # One teacher for all; one logits cache per seed (its views are augmented with the seed).
@@ -136,26 +145,43 @@ class PipelineRun:
     run_dir: Path
     record: dict[str, Any]
     pending: dict[str, dict[str, str]]  # `scontrol show job` of every job while the chain was held
+    busy_ports: list[int]  # held by the test while the 2-task teacher ran
+
+
+def occupy(port: int) -> socket.socket:
+    """A listening socket on `port` (every address), as another job's server on the node would hold it."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.bind(("0.0.0.0", port))
+    s.listen()
+    return s
 
 
 @pytest.fixture(scope="module")
 def pipeline_run(slurm_env: dict[str, str], cache_dir: Path, tmp_path_factory: pytest.TempPathFactory
                  ) -> Iterator[PipelineRun]:
     """The smoke pipeline through `launch.slurm --wait`, submitted held so that the test can
-    read every dependency from slurmctld before anything runs; teacher on 2 tasks."""
+    read every dependency from slurmctld before anything runs; teacher on 2 tasks. Before the
+    release, the test occupies the master ports the teacher would try first: launch.ports'
+    first candidate for its job id, and the one submitit derives from the job id."""
     run_dir = tmp_path_factory.mktemp("slurm-pipeline")
     cmd = [sys.executable, "-m", "launch.slurm", "pipeline", "--preset", "smoke", "--wait", "--hold",
            "--poll-s", "1", "slurm.teacher.tasks_per_node=2", *common(run_dir, cache_dir)]
     proc = subprocess.Popen(cmd, cwd=REPO, env=slurm_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    held: list[socket.socket] = []
     try:
         record = wait_until("the launcher's record", lambda: read_record(run_dir), 120)
         pending = {j["key"]: job_fields(slurm_env, j["job_id"]) for j in record["jobs"]}
+        teacher_id = by_key(record)["train-teacher"]["job_id"]
+        busy = [next(ports.candidates(int(teacher_id))), random.Random(teacher_id).randint(20000, 60000)]
+        held = [occupy(port) for port in busy]
         slurm(slurm_env, "scontrol", "release", by_key(record)["prepare-data"]["job_id"])
         out, err = proc.communicate(timeout=540)
     finally:
         if proc.poll() is None:
             proc.kill()
-    yield PipelineRun(subprocess.CompletedProcess(cmd, proc.returncode, out, err), run_dir, record, pending)
+        for sock in held:
+            sock.close()
+    yield PipelineRun(subprocess.CompletedProcess(cmd, proc.returncode, out, err), run_dir, record, pending, busy)
 
 
 def test_pipeline_completes_and_writes_report(pipeline_run: PipelineRun) -> None:
@@ -194,6 +220,37 @@ def test_two_task_job_trains_with_world_size_2(pipeline_run: PipelineRun) -> Non
     assert "on 2 rank(s)" in log0.read_text()
     summary = json.loads((pipeline_run.run_dir / "teacher" / "summary.json").read_text())
     assert summary["world_size"] == 2
+    # task/affinity binds each task to its cpus_per_task (1, smoke preset) CPU, its own one,
+    # and torch uses as many threads.
+    cpus = [rank_cpus(log) for log in (log0, log1)]
+    assert [len(c) for c in cpus] == [1, 1] and cpus[0] != cpus[1], cpus
+    assert all("with 1 torch threads" in log.read_text() for log in (log0, log1))
+
+
+def rank_cpus(log: Path) -> list[int]:
+    m = re.search(r"ran on CPUs \[([\d, ]+)\] with (\d+) torch threads", log.read_text())
+    assert m is not None, log.read_text()[-3000:]
+    return [int(c) for c in m.group(1).split(",")]
+
+
+def test_busy_master_port_does_not_break_the_job(pipeline_run: PipelineRun) -> None:
+    """The 2-task teacher ran while the test held the ports it would have used first (a port
+    derived from the job id collides now and then with a server on a shared node)."""
+    teacher = by_key(pipeline_run.record)["train-teacher"]
+    m = re.search(r"master \S+:(\d+)\)", Path(teacher["log"]).read_text())
+    assert m is not None
+    port = int(m.group(1))
+    assert port not in pipeline_run.busy_ports
+    assert port < ports.ephemeral_range()[0]  # never one an outgoing connection may hold
+    assert pipeline_run.proc.returncode == 0
+
+
+def test_status_reattaches_to_a_finished_chain(pipeline_run: PipelineRun, slurm_env: dict[str, str]) -> None:
+    proc = launch(slurm_env, "status", str(pipeline_run.run_dir))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for key in ("prepare-data", "train-teacher", "cache-logits", "student-normal", "student-kd", "report"):
+        assert re.search(rf"^{key} +job \d+ +COMPLETED", proc.stdout, re.M), proc.stdout
+    assert f"pipeline finished: report in {pipeline_run.run_dir / 'report' / 'report.md'}" in proc.stdout
 
 
 # -- a sweep: one array of KD students --------------------------------------------------
@@ -212,7 +269,7 @@ def test_sweep_runs_as_one_array_and_report_lists_every_point(slurm_env: dict[st
     names = [a["name"] for a in kd["array"]]
     assert names == ["a0.1-s0", "a0.1-s1", "a0.9-s0", "a0.9-s1"]
     assert [a["job_id"] for a in kd["array"]] == [f"{kd['job_id']}_{i}" for i in range(4)]
-    assert kd["job_id"] in by_key(record)["report"]["depends_on"]  # the whole array, not one task
+    assert kd["job_id"] in by_key(record)["report"]["depends_on_any"]  # the whole array, not one task
     states = sacct_states(slurm_env, [kd["job_id"]])
     assert {states[a["job_id"]][1] for a in kd["array"]} == {"COMPLETED"}
 
@@ -276,15 +333,18 @@ def test_preempted_training_job_checkpoints_requeues_and_resumes(slurm_env: dict
 
 def test_failed_stage_cancels_its_dependents_and_is_named(slurm_env: dict[str, str], cache_dir: Path,
                                                           tmp_path: Path) -> None:
+    # An empty ImageFolder root: it exists (a missing one is refused before anything is
+    # submitted, test_missing_data_root_is_refused_at_submission) but has no train/ split.
+    (tmp_path / "empty-data").mkdir()
     proc = launch(slurm_env, "pipeline", "--preset", "smoke", "--wait", "--poll-s", "1",
-                  "data.source=imagefolder", f"data.root={tmp_path / 'no-such-data'}", *common(tmp_path, cache_dir))
+                  "data.source=imagefolder", f"data.root={tmp_path / 'empty-data'}", *common(tmp_path, cache_dir))
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "stage prepare-data failed" in proc.stderr
     record = read_record(tmp_path)
     assert record is not None
     failed = by_key(record)["prepare-data"]
-    assert f"log:   {failed['log']}" in proc.stderr and "no-such-data" in proc.stderr
-    assert "no-such-data" in Path(failed["log"]).read_text()
+    assert f"log:   {failed['log']}" in proc.stderr and "empty-data/train" in proc.stderr
+    assert "empty-data/train" in Path(failed["log"]).read_text()
 
     ids = [j["job_id"] for j in record["jobs"]]
     wait_until("no job of the chain left in the queue",
@@ -297,6 +357,199 @@ def test_failed_stage_cancels_its_dependents_and_is_named(slurm_env: dict[str, s
 
     wait_until("every dependent job to show as cancelled in sacct", cancelled, 60, 1)
     assert sacct_states(slurm_env, [failed["job_id"]])[failed["job_id"]][1] == "FAILED"
+
+
+def test_missing_data_root_is_refused_at_submission(slurm_env: dict[str, str], cache_dir: Path,
+                                                    tmp_path: Path) -> None:
+    proc = launch(slurm_env, "pipeline", "--preset", "smoke", "data.source=imagefolder",
+                  "data.root=no-such-data", *common(tmp_path, cache_dir))
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    # made absolute where the launcher runs: the jobs run in another directory
+    assert f"data.root {REPO / 'no-such-data'} does not exist" in proc.stderr
+    assert read_record(tmp_path) is None  # nothing submitted
+
+
+# -- a real cluster's options: GPUs, CPU binding, site set-up --------------------------
+
+
+def submission_file(record: dict[str, Any], key: str) -> Path:
+    job = by_key(record)[key]
+    return Path(job["log"]).parent / f"{job['job_id']}_submission.sh"
+
+
+def submission_script(record: dict[str, Any], key: str) -> str:
+    return submission_file(record, key).read_text()
+
+
+def accepted_by_sbatch(env: dict[str, str], script: Path) -> None:
+    """`sbatch --test-only`: slurmctld checks the job script against the cluster, submits nothing."""
+    out = subprocess.run(["sbatch", "--test-only", str(script)], env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "to start at" in out.stderr, out.stderr
+
+
+def test_gpu_request_reaches_sbatch_and_no_gpu_is_an_error_naming_the_stage(
+        slurm_env: dict[str, str], cache_dir: Path, tmp_path: Path) -> None:
+    """The dev cluster's nodes have GRES gpu:fake:2 and no CUDA: a job asking for a GPU is
+    scheduled, and must then refuse to train on the CPU."""
+    proc = launch(slurm_env, "pipeline", "--stages", "train-teacher", "--preset", "smoke", "--wait", "--poll-s", "1",
+                  "slurm.teacher.gpus_per_node=fake:1", *common(tmp_path, cache_dir))
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "stage train-teacher failed" in proc.stderr
+    assert "asked Slurm for 1 GPU(s) per node (slurm.teacher) but torch sees no CUDA device" in proc.stderr
+    record = read_record(tmp_path)
+    assert record is not None
+    script = submission_script(record, "train-teacher")
+    assert "#SBATCH --gpus-per-node=fake:1" in script and "#SBATCH --ntasks=1" in script
+    assert "--wckey" not in script
+    assert not (tmp_path / "teacher" / "metrics.jsonl").exists()  # not one epoch on the CPU
+    accepted_by_sbatch(slurm_env, submission_file(record, "train-teacher"))
+    job_id = by_key(record)["train-teacher"]["job_id"]
+    assert "gres/gpu" in slurm(slurm_env, "sacct", "-X", "-n", "-P", "-o", "AllocTRES", "-j", job_id)
+
+
+def test_gres_and_per_task_gpus_are_accepted_by_sbatch(slurm_env: dict[str, str], cache_dir: Path,
+                                                       tmp_path: Path) -> None:
+    proc = launch(slurm_env, "pipeline", "--stages", "train-teacher,cache-logits", "--preset", "smoke", "--hold",
+                  "slurm.teacher.gres=gpu:fake:2", "slurm.teacher.tasks_per_node=2",
+                  "slurm.cache_logits.gpus_per_task=1", "slurm.cache_logits.gpu_bind=none",
+                  *common(tmp_path, cache_dir))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    record = read_record(tmp_path)
+    assert record is not None
+    try:
+        teacher, cache = submission_script(record, "train-teacher"), submission_script(record, "cache-logits")
+        assert "#SBATCH --gres=gpu:fake:2" in teacher and "#SBATCH --ntasks=2" in teacher
+        assert "#SBATCH --gpus-per-task=1" in cache and "#SBATCH --gpu-bind=none" in cache
+        assert "#SBATCH --ntasks=1" in cache
+        for key in ("train-teacher", "cache-logits"):
+            accepted_by_sbatch(slurm_env, submission_file(record, key))
+        assert job_fields(slurm_env, by_key(record)["train-teacher"]["job_id"])["TresPerNode"] == "gres:gpu:fake:2"
+    finally:
+        slurm(slurm_env, "scancel", *(j["job_id"] for j in record["jobs"]))
+
+
+def test_cpu_binding_site_setup_env_and_extra_options(slurm_env: dict[str, str], cache_dir: Path,
+                                                      tmp_path: Path) -> None:
+    """One task of 2 CPUs (the pipeline's teacher has 2 tasks of 1): bound to both, 2 torch
+    threads. srun gets --cpus-per-task itself: Slurm 22.05's ignores the job's, and would bind
+    each of several tasks to one CPU (that case needs 4 CPUs on a node; this one has 2).
+    slurm.setup runs before the tasks, slurm.env and a wrapping slurm.python reach them, and
+    extra options keep their commas."""
+    wrapper = (f"/bin/sh -c 'echo task env: KD_TEST_ENV=$KD_TEST_ENV FROM_SETUP=$KD_FROM_SETUP; "
+               f"exec {sys.executable} \"$@\"' sh")
+    proc = launch(slurm_env, "pipeline", "--stages", "train-teacher", "--preset", "smoke", "--wait", "--poll-s", "1",
+                  "slurm.teacher.cpus_per_task=2",
+                  "slurm.teacher.extra=--mail-type=END,FAIL --comment='kd test, with commas'",
+                  "slurm.setup=echo setup ran on $(hostname); export KD_FROM_SETUP=yes",
+                  "slurm.env=KD_TEST_ENV='a,b c'", f"slurm.python={wrapper}", *common(tmp_path, cache_dir))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    record = read_record(tmp_path)
+    assert record is not None
+    teacher = by_key(record)["train-teacher"]
+    log0 = Path(teacher["log"])
+    assert rank_cpus(log0) == [0, 1], log0.read_text()[-2000:]
+    first = log0.read_text()
+    assert "with 2 torch threads" in first
+    assert "task env: KD_TEST_ENV=a,b c FROM_SETUP=yes" in first
+    assert first.index("setup ran on") < first.index("kd-ddp train-teacher: rank 0")
+    srun = next(line for line in submission_script(record, "train-teacher").splitlines() if line.startswith("srun"))
+    assert "--cpus-per-task=2" in srun
+    # What slurmctld took from the script (it keeps a finished job for MinJobAge = 30 s).
+    shown = slurm(slurm_env, "scontrol", "show", "job", teacher["job_id"])
+    assert "MailType=END,FAIL" in shown and "Comment=kd test, with commas" in shown, shown
+
+
+def test_sweep_with_a_failing_point_still_reports_and_names_it(slurm_env: dict[str, str], cache_dir: Path,
+                                                               tmp_path: Path) -> None:
+    """A learning rate of 1e30 makes one KD student stop on a non-finite loss. The report
+    waits for the array with afterany, so it still runs, and names the point it lacks."""
+    proc = launch(slurm_env, "sweep", "--preset", "smoke", "--wait", "--poll-s", "1",
+                  "optim.student_lr=0.05,1e30", *common(tmp_path, cache_dir))
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "stage student-kd[student_lr=1e30] failed" in proc.stderr and "non-finite loss" in proc.stderr
+    assert "report of the rest in" in proc.stdout
+    results = json.loads((tmp_path / "report" / "results.json").read_text())
+    assert [e["name"] for e in results["sweep"]] == ["student_lr=0.05"]
+    assert results["sweep_missing"] == ["student_lr=1e30"]
+    report_md = (tmp_path / "report" / "report.md").read_text()
+    assert "## Sweep points without a result" in report_md and "`student_lr=1e30`" in report_md
+    record = read_record(tmp_path, "sweep")
+    assert record is not None
+    report = by_key(record)["report"]
+    assert report["depends_on_any"] == [by_key(record)["student-normal"]["job_id"],
+                                        by_key(record)["student-kd"]["job_id"]]
+
+
+def test_wait_ends_on_a_cancelled_preemption_and_follows_a_requeued_one(slurm_env: dict[str, str], cache_dir: Path,
+                                                                         tmp_path: Path) -> None:
+    """Two teachers, one in partition scavenger (PreemptMode=CANCEL), one in debug (REQUEUE);
+    a job of partition short (higher priority tier) then takes both CPUs of the node. sacct
+    calls both PREEMPTED: --wait must end at once, naming the stage, for the cancelled one and
+    keep following the requeued one to its end."""
+    epochs = 12
+    runs = {"scavenger": tmp_path / "scavenger", "debug": tmp_path / "debug"}
+    procs = {part: subprocess.Popen(
+        [sys.executable, "-m", "launch.slurm", "pipeline", "--stages", "train-teacher", "--preset", "smoke", "--wait",
+         "--poll-s", "1", f"slurm.teacher.partition={part}", f"optim.teacher_epochs={epochs}",
+         *common(run, cache_dir)], cwd=REPO, env=slurm_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for part, run in runs.items()}
+    try:
+        for run in runs.values():
+            metrics = run / "teacher" / "metrics.jsonl"
+            wait_until(f"an epoch in {run.name}", lambda m=metrics: m.is_file() and m.read_text().strip(), 300)
+        preemptor = slurm(slurm_env, "sbatch", "--parsable", "-p", "short", "-c", "2", "-t", "1",
+                          "--output=/dev/null", "--wrap", "sleep 2").strip()
+        out, err = procs["scavenger"].communicate(timeout=120)
+        assert procs["scavenger"].returncode == 1, out + err
+        record = read_record(runs["scavenger"])
+        assert record is not None
+        job_id = by_key(record)["train-teacher"]["job_id"]
+        assert f"stage train-teacher failed: job {job_id} is PREEMPTED (preempted and not requeued" in err
+        out, err = procs["debug"].communicate(timeout=400)
+        assert procs["debug"].returncode == 0, out + err
+        assert "PREEMPTED" in out or "PENDING" in out.split("RUNNING", 1)[1]  # it was stopped and came back
+        assert sacct_states(slurm_env, [preemptor])[preemptor][1] == "COMPLETED"
+        metrics = (runs["debug"] / "teacher" / "metrics.jsonl").read_text().splitlines()
+        assert [json.loads(line)["epoch"] for line in metrics] == list(range(1, epochs + 1))
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+
+
+def test_job_pending_on_a_partition_limit_says_why(slurm_env: dict[str, str], cache_dir: Path,
+                                                  tmp_path: Path) -> None:
+    """Partition short has MaxTime=2 (minutes): a 30-minute job there pends for good."""
+    proc = subprocess.Popen([sys.executable, "-m", "launch.slurm", "pipeline", "--stages", "prepare-data",
+                             "--preset", "smoke", "--wait", "--poll-s", "1", "--pending-notice-s", "2",
+                             "slurm.prepare_data.partition=short", *common(tmp_path, cache_dir)],
+                            cwd=REPO, env=slurm_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        lines: list[str] = []
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not any("PartitionTimeLimit" in ln for ln in lines):
+            lines.append(proc.stdout.readline())
+        notice = next((ln for ln in lines if "PartitionTimeLimit" in ln), "")
+        assert re.search(r"prepare-data +job \d+ +pending for \d+ s: PartitionTimeLimit \(--time is above the "
+                         r"partition's MaxTime", notice), "".join(lines)
+        proc.send_signal(signal.SIGINT)  # the launcher stops waiting, the job stays queued
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 130 and "status" in err, err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        record = read_record(tmp_path)
+        if record:
+            slurm(slurm_env, "scancel", *(j["job_id"] for j in record["jobs"]))
+
+
+def test_doctor_on_a_node_sees_the_job(slurm_env: dict[str, str], tmp_path: Path) -> None:
+    out = slurm(slurm_env, "srun", "-c", "2", "--gpus-per-node=1", sys.executable, "-m", "kd_ddp", "doctor",
+                "--preset", "smoke", f"run.dir={tmp_path / 'run'}", f"data.cache_dir={tmp_path / 'cache'}")
+    assert re.search(r"^info +slurm +SLURM_JOB_ID=\d+", out, re.M), out
+    assert re.search(r"^info +cpus +2 usable of \d+; a rank here gets 2 ", out, re.M), out
+    assert re.search(r"^info +gpus +none visible \(.*SLURM_GPUS_ON_NODE=1", out, re.M), out
 
 
 # -- the plain sbatch template ----------------------------------------------------------
@@ -345,7 +598,7 @@ def multinode_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TwoN
         if start.returncode != 0:
             pytest.fail(f"slurm/dev-cluster/start.sh --nodes 2 failed:\n{start.stderr[-6000:]}")
         env = {**os.environ, "SLURM_CONF": str(state / "etc" / "slurm.conf"), "PYTHONPATH": str(REPO)}
-        nodes = slurm(env, "sinfo", "-h", "-N", "-o", "%N").split()
+        nodes = list(dict.fromkeys(slurm(env, "sinfo", "-h", "-N", "-o", "%N").split()))  # once per partition
         yield TwoNodeCluster(env, nodes, {n: node_fields(env, n)["NodeAddr"] for n in nodes})
     finally:
         stop = subprocess.run([str(DEV_CLUSTER / "stop.sh"), str(state)], capture_output=True, text=True,
