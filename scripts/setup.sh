@@ -23,7 +23,7 @@ fi
 
 [ -x "$VENV/bin/python" ] || python3.11 -m venv "$VENV" 2>/dev/null || python3 -m venv "$VENV"
 stamp="$VENV/.kd-ddp-installed"
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ constraints.txt -nt "$stamp" ]; then
     # torch 2.14.1 for x86_64 on PyPI is a CUDA build: with its nvidia-* wheels the venv
     # takes ~6.2 GB (measured: torch 1.2, nvidia 3.2, triton 0.9). pip on a full disk dies
     # minutes in with a bare ENOSPC and a half-installed venv, so refuse up front instead.
@@ -36,11 +36,12 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
         fi
     fi
     "$VENV/bin/pip" install -q --upgrade pip
-    # torch first, alone: with torch==2.14.1 pinned pip takes the wheel from the local disk.
-    "$VENV/bin/pip" install -q torch==2.14.1 torchvision==0.29.1
-    "$VENV/bin/pip" install -q -e ".[ffcv,dev]" || {
+    # Exact versions from constraints.txt (pyproject.toml only declares ranges). torch first,
+    # alone: with its version pinned pip takes the wheel from the local disk.
+    "$VENV/bin/pip" install -q -c constraints.txt torch torchvision
+    "$VENV/bin/pip" install -q -c constraints.txt -e ".[ffcv,dev,vision]" || {
         echo "setup: FFCV failed to build; installing without it (data.loader=torch)" >&2
-        "$VENV/bin/pip" install -q -e ".[dev]"
+        "$VENV/bin/pip" install -q -c constraints.txt -e ".[dev,vision]"
     }
     touch "$stamp"
 fi
