@@ -8,6 +8,8 @@ import hashlib
 import io
 import json
 import os
+import pickle
+import re
 import secrets
 import shutil
 from collections.abc import Iterator
@@ -79,9 +81,29 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-def load_checkpoint(path: Path) -> dict[str, Any]:
+def load_weights_file(path: Path, what: str = "checkpoint") -> Any:
+    """A file of tensors and plain data (dicts, lists, numbers, strings), read with
+    `torch.load(weights_only=True)`: a file whose pickle asks for anything else (an object of
+    some class, a function to call) is refused naming what it asked for, and none of it runs.
+    A file that is not a torch file at all raises what torch.load raises."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        needed = re.search(r"GLOBAL ([\w.]+)", str(e))
+        if needed is None:
+            raise
+        raise CheckpointError(
+            f"{what} {path} needs more than tensors and plain data to load: its pickle asks for "
+            f"{needed.group(1)}. kd-ddp reads checkpoints with torch.load(weights_only=True) and runs no "
+            "code a file carries; save the weights alone, torch.save(model.state_dict(), path)") from None
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """A checkpoint kd-ddp wrote (see `load_weights_file`: tensors and plain data only)."""
+    try:
+        return load_weights_file(path)
+    except CheckpointError:
+        raise
     except Exception as e:  # torch raises several types for a truncated zip
         raise CheckpointError(f"checkpoint {path} is unreadable ({e}); delete it to start over") from None
 
