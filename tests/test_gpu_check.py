@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from kd_ddp.config import load_config
 from tests.conftest import REPO
 
@@ -35,6 +37,7 @@ def test_pipeline_record_holds_what_the_acceptance_reads(tmp_path: Path) -> None
     assert cold["teacher_acc"] == warm["teacher_acc"]  # the same run, whether the data was prepared first
 
 
+@pytest.mark.fast
 def test_seed_gpu_preset_is_the_seed_recipe_at_a_larger_batch() -> None:
     seed, gpu = load_config("seed"), load_config("seed-gpu")
     assert (gpu.optim.batch_size, gpu.optim.lr) == (4 * seed.optim.batch_size, 4 * seed.optim.lr)  # linear scaling
