@@ -23,7 +23,7 @@ from kd_ddp.data import prepare_data
 from kd_ddp.locks import BaseFileLock, LockUnsupported, RunDirBusy, lock_run_dir
 from kd_ddp.sources import DataError
 from kd_ddp.teacher_logits import CacheError, build_cache, check_cache
-from kd_ddp.train import NonFiniteLoss, Preempted, amp_dtype, load_trained_teacher, train_stage
+from kd_ddp.train import NonFiniteLoss, Preempted, amp_dtype, load_trained_teacher, preflight, train_stage
 
 log = logging.getLogger("kd_ddp")
 
@@ -85,6 +85,7 @@ def run_stage(cfg: Config, stage: str, mode: str = "kd", wandb_report: bool = Fa
     setup_logging(env.rank)
     locks: list[BaseFileLock] = []
     try:
+        preflight(cfg, env, stage, mode)  # the models and the teacher file, before any data is prepared
         if env.is_main:
             tracking.preflight(cfg)  # a missing W&B API key fails here, not after an epoch
             make_run_dir(cfg.run_dir)

@@ -57,13 +57,27 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
+    # A seed CNN (teacher_cnn | teacher_cnn_lite | student_cnn), torchvision:<name> (any torchvision
+    # classification builder, random initial weights) or <module.path>:<callable> (your own code,
+    # called with num_classes and the kwargs below): README, "Your own models"
     teacher: str = "teacher_cnn"
     student: str = "student_cnn"
-    teacher_width: int = 32  # channels of the first block; doubled per block
+    teacher_width: int = 32  # seed CNNs: channels of the first block; doubled per block
     student_width: int = 16
-    teacher_hidden: int = 256  # hidden units of the classifier head
+    teacher_hidden: int = 256  # seed CNNs: hidden units of the classifier head
     student_hidden: int = 256
-    dropout: float = 0.25
+    dropout: float = 0.25  # seed CNNs: dropout before the last layer
+    # torchvision and your own models: more keyword arguments, a JSON object ('{"dropout": 0.1}')
+    teacher_kwargs: str = ""
+    student_kwargs: str = ""
+    # torchvision models: 3x3 stride-1 first conv and no max-pool after it (true | false | auto:
+    # on when data.image_size <= 64)
+    cifar_stem: str = "auto"
+    # Directories put first on sys.path, in every rank and Slurm job, before a <module.path> model is imported
+    python_path: list[str] = field(default_factory=list)
+    # A teacher trained elsewhere (a state_dict file or a kd-ddp checkpoint): train-teacher evaluates
+    # it instead of training one
+    teacher_checkpoint: str = ""
 
 
 @dataclass
@@ -107,6 +121,9 @@ class TrainConfig:
     # steps between never wait for the device. 0 = auto: 1 on a CPU (a read costs nothing
     # there), 50 on a GPU. A SIGTERM stops the run at the next such read.
     check_every: int = 0
+    # BatchNorm statistics over the global batch instead of each rank's share (SyncBatchNorm;
+    # for small per-rank batches). CUDA only: torch's SyncBatchNorm does not run on CPUs.
+    sync_bn: bool = False
 
 
 @dataclass
@@ -363,19 +380,96 @@ def _preset_smoke(cfg: Config) -> None:
         res.cpus_per_task, res.mem_gb, res.time_min = 1, 1, 30
 
 
+def _preset_strong(cfg: Config) -> None:
+    """A strong teacher for one GPU: torchvision's ResNet-18 with the CIFAR stem (11.2 M
+    parameters, 0.56 G multiply-adds per image, 14x the seed teacher) distilled into the
+    seed's student_cnn, beside the same student trained the normal way.
+
+    The recipe is the common one for ResNet-18 on CIFAR-10 (SGD, Nesterov momentum 0.9,
+    weight decay 5e-4, crop + flip, cosine schedule), shortened to 40 teacher epochs at a
+    global batch of 512 with the peak LR scaled linearly from 0.1 per 128 images (0.4) after
+    2 warm-up epochs; no label smoothing, which makes a teacher's soft targets less useful
+    for distillation. The students keep the seed-gpu scaling (0.4 at 1024, so 0.2 at 512) for
+    30 epochs, the logits cache holding one view per student epoch. Not yet run on a GPU: the
+    CPU measurement of one teacher epoch and the projection are in BENCHMARKS.md."""
+    cfg.model.teacher = "torchvision:resnet18"
+    cfg.model.cifar_stem = "auto"
+    cfg.optim.batch_size = 512
+    cfg.optim.lr = 0.4
+    cfg.optim.student_lr = 0.2
+    cfg.optim.warmup_epochs = 2.0
+    cfg.optim.teacher_epochs = 40
+    cfg.optim.student_epochs = 30
+    cfg.kd.views = 30
+
+
 PRESETS: dict[str, typing.Callable[[Config], None]] = {
     "seed": _preset_seed,
     "seed-gpu": _preset_seed_gpu,
+    "strong": _preset_strong,
     "quick": _preset_quick,
     "smoke": _preset_smoke,
 }
+
+# The seed's CNNs (kd_ddp/models.py); model.teacher / model.student may also name a
+# torchvision model or a user's callable (model_kind).
+SEED_MODELS = ("teacher_cnn", "teacher_cnn_lite", "student_cnn")
+
+
+def model_kind(name: str) -> str:
+    """"seed", "torchvision" (`torchvision:<name>`) or "import" (`<module.path>:<callable>`);
+    ConfigError for a name of none of these forms (whether it exists is models.py's to say)."""
+    if name in SEED_MODELS:
+        return "seed"
+    module, sep, attr = name.partition(":")
+    if sep and attr.isidentifier() and all(part.isidentifier() for part in module.split(".")):
+        return "torchvision" if module == "torchvision" else "import"
+    close = difflib.get_close_matches(name, SEED_MODELS, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    if not sep and name.isidentifier() and not close:
+        hint = f" (a torchvision model is written torchvision:{name})"
+    raise ConfigError(f"unknown model {name!r}{hint}: give one of {', '.join(SEED_MODELS)}, torchvision:<name> "
+                      "or <module.path>:<callable>")
+
+
+def _model_problems(cfg: Config) -> list[str]:
+    m = cfg.model
+    problems = [f"model.{name}={getattr(m, name)}: must be >= 1"
+                for name in ("teacher_width", "student_width", "teacher_hidden", "student_hidden")
+                if getattr(m, name) < 1]
+    if not 0 <= m.dropout < 1:
+        problems.append(f"model.dropout={m.dropout}: must be in [0, 1)")
+    for role in ("teacher", "student"):
+        try:
+            kind = model_kind(getattr(m, role))
+        except ConfigError as e:
+            problems.append(f"model.{role}: {e}")
+            continue
+        problems += _kwargs_problems(f"model.{role}_kwargs", getattr(m, f"{role}_kwargs"), kind)
+    return problems
+
+
+def _kwargs_problems(key: str, text: str, kind: str) -> list[str]:
+    if not text.strip():
+        return []
+    if kind == "seed":
+        return [f"{key}: the seed CNNs take no keyword arguments (their sizes are model.*_width and *_hidden)"]
+    try:
+        kwargs = json.loads(text)
+    except json.JSONDecodeError as e:
+        return [f"{key}={text!r}: not JSON ({e.msg}); write an object: '{{\"name\": value}}'"]
+    if not isinstance(kwargs, dict):
+        return [f"{key}={text!r}: must be a JSON object ({{\"name\": value, ...}}), not a {type(kwargs).__name__}"]
+    reserved = [k for k in ("num_classes", "weights") if k in kwargs]
+    return [f"{key}: {k!r} is set by kd-ddp (num_classes from the data; weights: random, never downloaded)"
+            for k in reserved]
+
 
 # Allowed values of the string-valued choice fields.
 CHOICES: dict[str, tuple[str, ...]] = {
     "data.source": ("synthetic", "imagefolder", "cifar-batches", "archive"),
     "data.loader": ("auto", "ffcv", "torch", "device"),
-    "model.teacher": ("teacher_cnn", "teacher_cnn_lite", "student_cnn"),
-    "model.student": ("teacher_cnn", "teacher_cnn_lite", "student_cnn"),
+    "model.cifar_stem": ("auto", "true", "false"),
     "kd.teacher": ("cached", "live"),
     "kd.cache_dtype": ("float16", "bfloat16", "float32"),
     "kd.mse_input": ("logits", "softmax"),
@@ -523,10 +617,7 @@ def validate(cfg: Config) -> None:
     need(cfg.optim.weight_decay >= 0, "optim.weight_decay must be >= 0")
     need(cfg.optim.warmup_epochs >= 0, "optim.warmup_epochs must be >= 0")
     need(0 <= cfg.optim.label_smoothing < 1, "optim.label_smoothing must be in [0, 1)")
-    need(0 <= cfg.model.dropout < 1, f"model.dropout={cfg.model.dropout}: must be in [0, 1)")
-    for name in ("teacher_width", "student_width", "teacher_hidden", "student_hidden"):
-        v = getattr(cfg.model, name)
-        need(v >= 1, f"model.{name}={v}: must be >= 1")
+    problems += _model_problems(cfg)
     need(cfg.data.image_size >= 8, f"data.image_size={cfg.data.image_size}: must be >= 8")
     need(cfg.data.crop_padding >= 0, "data.crop_padding must be >= 0")
     need(cfg.data.num_workers >= 0, "data.num_workers must be >= 0")

@@ -1,7 +1,8 @@
 """The local comparison report, built from the run dirs alone (no W&B account needed).
 
 Writes `<run_dir>/report/results.json`, `report.md` and PNG plots: test accuracy and
-train loss per epoch of the three runs, and the final test accuracies as bars.
+train loss per epoch of the three runs, and the final test accuracies as bars. report.md
+names each run's model with its parameters and multiply-adds per image (from the summaries).
 
 Two optional layouts under the run dir are picked up when present:
 
@@ -215,6 +216,19 @@ def accuracy_table(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+def model_table(results: dict[str, Any]) -> list[str]:
+    """Each run's model, its parameters and multiply-adds per image (from its summary; runs
+    made before summaries recorded them are left out)."""
+    rows = []
+    for key in RUNS:
+        m = results.get(key, {}).get("model")
+        if m:
+            adopted = " (adopted, not trained here)" if "adopted_from" in results[key] else ""
+            rows.append(f"| {LABELS[key]} | {m['name']}{adopted} | {m['params'] / 1e6:.2f} M | "
+                        f"{m['macs_per_image'] / 1e6:.1f} M |")
+    return ["| run | model | parameters | multiply-adds per image |", "|---|---|---|---|", *rows] if rows else []
+
+
 def variants_table(entries: list[dict[str, Any]]) -> list[str]:
     lines = ["| variant | teacher logits | alpha | T | epochs | test accuracy | train time (s) |",
              "|---|---|---|---|---|---|---|"]
@@ -277,6 +291,7 @@ def _results(cfg: Config, runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
         s = r["summary"]
         results[key] = {"test_acc": s["test_acc"], "test_loss": s["test_loss"], "epochs": s["epochs"],
                         "train_time_s": s["train_time_s"], "images_per_s": s["images_per_s"]}
+        results[key] |= {k: s[k] for k in ("model", "adopted_from") if k in s}
     if "student_kd" in results and "student_normal" in results:
         results["kd_minus_normal"] = results["student_kd"]["test_acc"] - results["student_normal"]["test_acc"]
     kd = kd_facts(runs["student_kd"]["summary"]) if "student_kd" in runs else {}
@@ -335,6 +350,8 @@ def build_report(cfg: Config) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     images = _plots(runs, results, out)
     lines = _header(cfg, results) + accuracy_table(results) + [""]
+    if model_table(results):
+        lines += [*model_table(results), ""]
     if results["machines"]:
         lines += [f"Machine: {'; '.join(results['machines'])}.", ""]
     cache = results.get("teacher_logits_cache")

@@ -3,7 +3,10 @@
 `train_stage` reads top to bottom: skip a stage that is done, build a `Trainer` (model,
 optimizer, schedule, loaders and the stage's objective: components by role), resume it
 from its checkpoint, run its epochs, write the summary. An epoch is a loop of
-`Trainer.train_step`, the one step function the benchmarks call too.
+`Trainer.train_step`, the one step function the benchmarks call too. A teacher given as
+`model.teacher_checkpoint` is adopted instead of trained (`adopt_teacher`: evaluated, then
+kept as the run dir's teacher). `preflight` builds and checks the models before any data is
+prepared (kd_ddp/models.py); with `train.sync_bn` the BatchNorm layers become SyncBatchNorm.
 
 Data flow of one step: the loader gives NHWC uint8 images with their sample indices ->
 `augment` (crop + flip, a pure function of seed, view and index) -> `normalize` to a
@@ -40,11 +43,18 @@ from tqdm import tqdm
 
 from kd_ddp import losses
 from kd_ddp.augment import augment, normalize
-from kd_ddp.checkpoint import CheckpointError, atomic_write_json, load_checkpoint, save_checkpoint, weights_hash
-from kd_ddp.config import Config, describe_differences, fingerprint
-from kd_ddp.data import EvalLoader, PreparedData, TrainLoader, resolve_loader
+from kd_ddp.checkpoint import (
+    CheckpointError,
+    atomic_write_json,
+    load_checkpoint,
+    load_weights_file,
+    save_checkpoint,
+    weights_hash,
+)
+from kd_ddp.config import Config, ConfigError, describe_differences, fingerprint
+from kd_ddp.data import EvalLoader, PreparedData, TrainLoader, prepared_dir, resolve_loader
 from kd_ddp.distributed import DistEnv, all_gather_object, all_reduce_sum, all_reduce_tensor, barrier
-from kd_ddp.models import build_model
+from kd_ddp.models import architecture, build_model, check_models, describe, model_facts, model_name
 from kd_ddp.process_memory import rss_mb
 from kd_ddp.teacher_logits import LogitsCache
 from kd_ddp.tracking import StageTracker, machine, start_stage
@@ -124,6 +134,47 @@ def make_model(cfg: Config, role: str, num_classes: int, env: DistEnv) -> nn.Mod
     return model
 
 
+def use_sync_bn(cfg: Config, env: DistEnv) -> bool:
+    """Whether BatchNorm layers become SyncBatchNorm (train.sync_bn, with more than one rank);
+    refused on CPUs, where torch's SyncBatchNorm does not run."""
+    if not cfg.train.sync_bn or env.world_size == 1:
+        return False
+    if env.device.type != "cuda":
+        raise ConfigError(f"train.sync_bn=true needs CUDA devices: torch's SyncBatchNorm does not run on "
+                          f"{env.device.type} ({env.world_size} ranks here); drop it, or train on GPUs")
+    return True
+
+
+def stage_roles(stage: str, mode: str) -> list[str]:
+    """The models a CLI stage builds: the KD student needs its teacher (cached or live)."""
+    return {"train-teacher": ["teacher"], "cache-logits": ["teacher"], "pipeline": ["teacher", "student"],
+            "train-student": ["teacher", "student"] if mode == "kd" else ["student"]}.get(stage, [])
+
+
+def provisional_classes(cfg: Config) -> int:
+    """The class count to check models with before the data is prepared: the synthetic
+    source's, the prepared data's when it already is, else CIFAR-10's 10 (the real count is
+    checked again when the model is built for training)."""
+    if cfg.data.source == "synthetic":
+        return cfg.data.synthetic_classes
+    try:
+        return len(json.loads((prepared_dir(cfg) / "meta.json").read_text())["classes"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 10
+
+
+def preflight(cfg: Config, env: DistEnv, stage: str, mode: str = "kd") -> None:
+    """What can be refused before any data is prepared, on every rank: each model the stage
+    builds (name, import, what the callable returns, its output shape), the teacher file to
+    adopt, train.sync_bn on this device."""
+    roles = stage_roles(stage, mode)
+    check_models(cfg, roles, provisional_classes(cfg))
+    if cfg.model.teacher_checkpoint and stage in ("train-teacher", "pipeline"):
+        read_teacher_weights(Path(cfg.model.teacher_checkpoint))
+    if roles:
+        use_sync_bn(cfg, env)
+
+
 def rank_seed(seed: int, rank: int) -> int:
     """The seed of rank `rank`'s random stream (dropout masks): a hash of (seed, rank), so
     ranks draw different masks and every rank's stream is reproducible."""
@@ -159,17 +210,18 @@ def stage_fingerprint(cfg: Config, stage: str, data: PreparedData, precision: st
     """Everything that changes a stage's result; a checkpoint or summary made under another
     is refused (checkpoint) or not reused (summary)."""
     role = "teacher" if stage == "teacher" else "student"
-    m = cfg.model
     fp: dict[str, Any] = {
         "stage": stage,
         "data": data.content_hash,
         "augmentation": [cfg.data.crop_padding, cfg.data.flip],
-        "model": [getattr(m, role), getattr(m, f"{role}_width"), getattr(m, f"{role}_hidden"), m.dropout],
+        "model": architecture(cfg, role),
         "optim": {k: v for k, v in vars(cfg.optim).items() if k not in ("teacher_epochs", "student_epochs")}
         | {"epochs": cfg.epochs_for(role), "lr": cfg.lr_for(role)},
         "seed": cfg.seed,
         "precision": precision,  # autocast dtype actually used (train.amp=auto resolves per device)
     }
+    if cfg.train.sync_bn:  # only when on: fingerprints made before the field existed stay valid
+        fp["sync_bn"] = True
     if stage == "student-normal":
         fp["mse_input"] = cfg.kd.mse_input
     if stage == "student-kd":
@@ -192,13 +244,45 @@ def load_trained_teacher(cfg: Config, data: PreparedData, env: DistEnv) -> tuple
         raise CheckpointError(f"no trained teacher in {path.parent}: run `kd-ddp train-teacher` first")
     state = load_checkpoint(path)
     teacher = make_model(cfg, "teacher", data.num_classes, env)
-    try:
-        teacher.load_state_dict(state["model"])
-    except RuntimeError as e:
-        raise CheckpointError(f"{path} does not hold a {cfg.model.teacher} of this config's size: "
-                              f"{str(e).splitlines()[0]}") from None
+    load_weights_into(teacher, state["model"], path, cfg, held=state.get("fingerprint_fields", {}).get("model"))
     teacher.eval()
     return teacher, weights_hash(teacher.state_dict())
+
+
+def load_weights_into(model: nn.Module, state: dict[str, torch.Tensor], path: Path, cfg: Config,
+                      held: Any = None) -> None:
+    """`model.load_state_dict(state)`, strict; a mismatch names the teacher this config builds
+    and, when the file records it (`held`), the architecture the file was made with."""
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        detail = (f"it holds {held!r}, this config's teacher is {architecture(cfg, 'teacher')!r}"
+                  if held is not None and held != architecture(cfg, "teacher") else " ".join(lines[:2])[:600])
+        raise CheckpointError(f"{path} does not hold a {cfg.model.teacher} of this config's size: {detail}") from None
+
+
+def read_teacher_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The weights in `model.teacher_checkpoint`: a plain state_dict file, or a kd-ddp
+    checkpoint (its "model"). Keys saved from a DDP-wrapped model ("module." prefix) are taken too."""
+    where = f"model.teacher_checkpoint {path}"
+    if not path.is_file():
+        raise CheckpointError(f"{where} does not exist")
+    try:
+        state = load_weights_file(path, "model.teacher_checkpoint")
+    except CheckpointError:
+        raise
+    except Exception as e:
+        raise CheckpointError(f"{where} is not a file torch.load reads ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{where} holds no state_dict: expected a dict of tensors, as "
+                              "torch.save(model.state_dict(), path) writes, or a kd-ddp checkpoint")
+    if all(k.startswith("module.") for k in state):
+        state = {k.removeprefix("module."): v for k, v in state.items()}
+    return state
 
 
 TeacherLogits = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]  # (x, indices, view) -> logits
@@ -341,6 +425,10 @@ class Trainer:
         if env.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels once
         self.model = make_model(cfg, role, data.num_classes, env)
+        if use_sync_bn(cfg, env):
+            self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+        self.facts = {"name": describe(cfg, role), "arch": model_name(cfg, role)} | model_facts(
+            self.model, cfg.data.image_size)
         torch.manual_seed(rank_seed(cfg.seed, env.rank))  # each rank its own dropout stream
         self.loader = TrainLoader(cfg, data, env)
         self.test_loader = EvalLoader(cfg, data, env)
@@ -368,13 +456,7 @@ class Trainer:
         """Continue from the stage's checkpoint, if any (refused when made under another config)."""
         if self.ckpt_path.is_file():
             state = load_checkpoint(self.ckpt_path)
-            if state.get("fingerprint") != self.fp_hash:
-                diffs = describe_differences(self.fp, state.get("fingerprint_fields", {}),
-                                             have_name="checkpoint has")
-                raise CheckpointError(
-                    f"{self.ckpt_path} was made with another config (model, data, loss or precision differ):\n  "
-                    + "\n  ".join(diffs or ["(a checkpoint without its fields)"])
-                    + f"\nuse another run.dir, or delete {self.out} to start this stage over")
+            refuse_another_config(state, self.fp, self.ckpt_path)
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
@@ -544,6 +626,8 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             # Drop epochs logged after the checkpoint we resume from: they will be redone.
             (self.out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in self.history))
+            log.info("%s: %s, %.2f M parameters, %.1f M multiply-adds per image", self.stage, self.facts["name"],
+                     self.facts["params"] / 1e6, self.facts["macs_per_image"] / 1e6)
             log.info("%s: %d epochs x %d steps, global batch %d on %d rank(s) (process group: %s), device %s, "
                      "amp %s, loader %s, flags read every %d step(s)", self.stage, self.epochs, len(self.loader),
                      self.cfg.optim.batch_size, env.world_size, env.backend, env.device,
@@ -576,6 +660,7 @@ class Trainer:
         env, history = self.env, self.history
         summary: dict[str, Any] = {
             "stage": self.stage,
+            "model": self.facts,
             "test_acc": history[-1]["test_acc"],
             "test_loss": history[-1]["test_loss"],
             "epochs": self.epochs,
@@ -605,6 +690,18 @@ class Trainer:
         self.stop.close()
 
 
+def refuse_another_config(state: dict[str, Any], fp: dict[str, Any], path: Path) -> None:
+    """CheckpointError naming what differs when checkpoint `state` was made under another
+    fingerprint than `fp`."""
+    if state.get("fingerprint") == fingerprint(fp):
+        return
+    diffs = describe_differences(fp, state.get("fingerprint_fields", {}), have_name="checkpoint has")
+    raise CheckpointError(
+        f"{path} was made with another config (model, data, loss or precision differ):\n  "
+        + "\n  ".join(diffs or ["(a checkpoint without its fields)"])
+        + f"\nuse another run.dir, or delete {path.parent} to start this stage over")
+
+
 def finished_summary(path: Path, fp_hash: str) -> dict[str, Any] | None:
     """The stage's summary if it was made with this fingerprint, else None (train again)."""
     if not path.is_file():
@@ -613,9 +710,74 @@ def finished_summary(path: Path, fp_hash: str) -> dict[str, Any] | None:
     return summary if summary.get("fingerprint") == fp_hash else None
 
 
+def adopt_teacher(cfg: Config, env: DistEnv, data: PreparedData) -> dict[str, Any]:
+    """train-teacher with `model.teacher_checkpoint`: no training. The file's weights go into
+    this config's teacher, which is evaluated on the test split as a trained one is, and kept
+    as the run dir's teacher checkpoint (fingerprinted by the weights hash), so that the
+    logits cache, the KD student and the report take it as they take a trained teacher. A
+    trained teacher already in the run dir is never overwritten (refused, as resuming is)."""
+    source = Path(cfg.model.teacher_checkpoint)
+    dtype = amp_dtype(cfg, env.device)
+    teacher = make_model(cfg, "teacher", data.num_classes, env)
+    load_weights_into(teacher, read_teacher_weights(source), source, cfg)
+    fp = {"stage": "teacher", "adopted": weights_hash(teacher.state_dict()), "data": data.content_hash,
+          "model": architecture(cfg, "teacher"), "precision": precision_name(dtype)}
+    out = cfg.run_dir / "teacher"
+    done = finished_summary(out / "summary.json", fingerprint(fp))
+    if done is not None:
+        if env.is_main:
+            log.info("teacher: already adopted from %s, test_acc=%.4f", source, done["test_acc"])
+        return done
+    if (out / "checkpoint.pt").is_file():
+        held = load_checkpoint(out / "checkpoint.pt")
+        if "adopted" not in held.get("fingerprint_fields", {}):  # a trained teacher: keep it
+            refuse_another_config(held, fp, out / "checkpoint.pt")
+    tracker = start_stage(cfg, "teacher", env) if env.is_main else StageTracker()
+    try:
+        summary = _evaluate_adopted(cfg, env, data, teacher, source, fp)
+    except BaseException:
+        tracker.abort(1)
+        raise
+    tracker.finish(summary)
+    barrier(env)
+    return summary
+
+
+def _evaluate_adopted(cfg: Config, env: DistEnv, data: PreparedData, teacher: nn.Module, source: Path,
+                      fp: dict[str, Any]) -> dict[str, Any]:
+    """The adopted teacher's test accuracy (every rank its shard), its summary; rank 0 writes
+    the teacher's checkpoint, an empty metrics.jsonl (no epochs) and the summary."""
+    dtype = amp_dtype(cfg, env.device)
+    out = cfg.run_dir / "teacher"
+    mean, std = data.stats(env.device)
+    start = time.perf_counter()
+    test_loss, test_acc = evaluate(teacher, EvalLoader(cfg, data, env), env, mean, std, cfg, dtype)
+    summary = {
+        "stage": "teacher", "adopted_from": str(source.resolve()), "test_acc": test_acc, "test_loss": test_loss,
+        "epochs": 0, "train_time_s": 0.0, "images_per_s": 0.0,
+        "eval_time_s": round(time.perf_counter() - start, 3), "world_size": env.world_size,
+        "backend": env.backend, "device": str(env.device), "machine": machine(env), "amp": precision_name(dtype),
+        "model": {"name": describe(cfg, "teacher"), "arch": cfg.model.teacher}
+        | model_facts(teacher, cfg.data.image_size),
+        "weights_hash": fp["adopted"], "fingerprint": fingerprint(fp),
+    }
+    if env.is_main:
+        save_checkpoint(out / "checkpoint.pt", {
+            "model": teacher.state_dict(), "fingerprint": fingerprint(fp), "fingerprint_fields": fp,
+            "config": cfg.to_dict(), "num_classes": data.num_classes, "adopted_from": summary["adopted_from"]})
+        (out / "metrics.jsonl").write_text("")  # no epochs: nothing was trained
+        atomic_write_json(out / "summary.json", summary)
+        log.info("teacher: adopted %s (%s), not trained: test_acc %.4f, test_loss %.4f", source,
+                 summary["model"]["name"], test_acc, test_loss)
+    return summary
+
+
 def train_stage(cfg: Config, env: DistEnv, data: PreparedData, stage: str) -> dict[str, Any]:
-    """Train one of the three models; resumes from its checkpoint, skips if already done."""
+    """Train one of the three models; resumes from its checkpoint, skips if already done.
+    A teacher given as `model.teacher_checkpoint` is adopted instead (adopt_teacher)."""
     assert stage in STAGES, stage
+    if stage == "teacher" and cfg.model.teacher_checkpoint:
+        return adopt_teacher(cfg, env, data)
     dtype = amp_dtype(cfg, env.device)
     teacher, teacher_hash = (None, "")
     if stage == "student-kd":
