@@ -186,8 +186,7 @@ def _masks(run_dir: Path, cache_dir: Path) -> list[str]:
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
                           env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
     assert proc.returncode == 0, proc.stderr[-4000:]
-    rows = sorted((json.loads(x) for x in proc.stdout.splitlines() if x.startswith("{")), key=lambda r: r["rank"])
-    return [r["mask"] for r in rows]
+    return json.loads(proc.stdout.strip().splitlines()[-1])["masks"]
 
 
 def test_ranks_draw_different_dropout_masks_reproducibly(tmp_path: Path, cache_dir: Path) -> None:

@@ -1,5 +1,6 @@
-"""Each rank's first dropout mask after a Trainer is built: one JSON line per rank,
-{"rank", "mask"} (the mask's sha256), to show that ranks draw different masks."""
+"""Each rank's first dropout mask after a Trainer is built, gathered to rank 0, which prints
+one JSON line: {"masks": [sha256 of rank 0's mask, of rank 1's, ...]} (one writer: lines of
+two ranks sharing a pipe can interleave)."""
 
 import hashlib
 import json
@@ -19,5 +20,7 @@ trainer = Trainer(cfg, env, data, "teacher")
 trainer.close()
 # what the teacher's dropout layer would draw at the first step: the rank's stream
 mask = torch.nn.functional.dropout(torch.ones(4096), p=cfg.model.dropout, training=True) > 0
-print(json.dumps({"rank": env.rank, "mask": hashlib.sha256(mask.numpy().tobytes()).hexdigest()}), flush=True)
+masks = distributed.all_gather_object(hashlib.sha256(mask.numpy().tobytes()).hexdigest(), env)
+if env.is_main:
+    print(json.dumps({"masks": masks}), flush=True)
 distributed.teardown()

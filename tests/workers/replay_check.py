@@ -2,8 +2,8 @@
 
 For KD epochs 0..E-1 every rank walks its batches of the student's TrainLoader, builds the
 exact pixels the student receives (view e % views), runs the live teacher on them and
-compares with the cache's logits for those sample indices. Prints one JSON line per rank:
-{"rank", "batches", "max_abs_diff", "max_abs_diff_wrong_view"}.
+compares with the cache's logits for those sample indices. Rank 0 prints one JSON line per
+rank: {"rank", "batches", "max_abs_diff", "max_abs_diff_wrong_view", "max_abs_logit"}.
 """
 
 import json
@@ -34,7 +34,10 @@ for epoch in range(cfg.epochs_for("student")):
         worst = max(worst, (live - cached).abs().max().item())
         worst_wrong = max(worst_wrong, (live - wrong).abs().max().item())
         batches += 1
-print(json.dumps({"rank": env.rank, "batches": batches, "max_abs_diff": worst,
-                  "max_abs_diff_wrong_view": worst_wrong,
-                  "max_abs_logit": cache.table.float().abs().max().item()}), flush=True)
+row = {"rank": env.rank, "batches": batches, "max_abs_diff": worst, "max_abs_diff_wrong_view": worst_wrong,
+       "max_abs_logit": cache.table.float().abs().max().item()}
+# gathered to rank 0, which prints every rank's line: lines of two ranks sharing a pipe can interleave
+for r in distributed.all_gather_object(row, env):
+    if env.is_main:
+        print(json.dumps(r), flush=True)
 distributed.teardown()
