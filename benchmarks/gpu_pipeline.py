@@ -1,15 +1,16 @@
 """The whole pipeline, timed wall-clock as a user runs it, recorded as one JSON file.
 
     python -m benchmarks.gpu_pipeline --preset seed-gpu --archive A --cache C --work W --out OUT
-        [--nproc N] [--cold] [section.field=value ...]
+        [--nproc N] [--cold] [--tag T] [section.field=value ...]
 
 Runs `torchrun --standalone --nproc_per_node=N -m kd_ddp pipeline` (teacher -> logits cache
--> both students -> report) in a fresh run dir and writes `OUT/pipeline-<card>[-<N>gpu][-cold].json`
-with the card, the wall-clock seconds (process start to exit: interpreter, CUDA and NCCL
-start-up, data loading, every stage, the report), whether the prepared data was already
-cached (`--cold` prepares it from the JPEG archive in an empty cache first: counted), the
-three test accuracies and each stage's time and images/s. On a machine without a GPU the
-card is "cpu" (how the test suite runs it, on the smoke preset).
+-> both students -> report) in a fresh run dir and writes
+`OUT/pipeline-<card>[-<T>][-<N>gpu][-cold].json` (`-<T>`: `--tag T`, e.g. `strong` for that
+preset's run) with the card, the wall-clock seconds (process start to exit: interpreter,
+CUDA and NCCL start-up, data loading, every stage, the report), whether the prepared data
+was already cached (`--cold` prepares it from the JPEG archive in an empty cache first:
+counted), the three test accuracies and each stage's time and images/s. On a machine
+without a GPU the card is "cpu" (how the test suite runs it, on the smoke preset).
 """
 
 from __future__ import annotations
@@ -63,16 +64,16 @@ def run(preset: str, archive: str, cache: Path, work: Path, nproc: int = 1, cold
         "student_normal_acc": results["student_normal"]["test_acc"],
         "student_kd_acc": results["student_kd"]["test_acc"],
         "stages": {key: {k: s.get(k) for k in ("train_time_s", "session_time_s", "images_per_s", "epochs", "amp",
-                                                 "loader", "world_size", "backend", "peak_cuda_mb")}
+                                                 "loader", "world_size", "backend", "peak_cuda_mb", "model")}
                    for key, s in stages.items()},
         "cache_build_s": json.loads(cache_manifest.read_text())["build_time_s"] if cache_manifest.is_file() else None,
         "torch": torch.__version__, "date": datetime.date.today().isoformat(), "run_dir": str(run_dir),
     }
 
 
-def out_name(row: dict[str, Any]) -> str:
+def out_name(row: dict[str, Any], tag: str = "") -> str:
     gpus = f"-{row['nproc']}gpu" if row["nproc"] > 1 else ""
-    return f"pipeline-{row['card']}{gpus}{'' if row['warm_data'] else '-cold'}.json"
+    return f"pipeline-{row['card']}{'-' + tag if tag else ''}{gpus}{'' if row['warm_data'] else '-cold'}.json"
 
 
 def main() -> None:
@@ -84,13 +85,14 @@ def main() -> None:
     p.add_argument("--out", required=True, help="where pipeline-<card>*.json goes")
     p.add_argument("--nproc", type=int, default=1)
     p.add_argument("--cold", action="store_true", help="prepare the data from the archive inside the timed run")
+    p.add_argument("--tag", default="", help="added to the record's name (pipeline-<card>-<tag>.json)")
     p.add_argument("overrides", nargs="*", metavar="section.field=value")
     a = p.parse_args()
     work, out = Path(a.work), Path(a.out)
     work.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     row = run(a.preset, a.archive, Path(a.cache), work, a.nproc, a.cold, a.overrides)
-    (out / out_name(row)).write_text(json.dumps(row, indent=1) + "\n")
+    (out / out_name(row, a.tag)).write_text(json.dumps(row, indent=1) + "\n")
     print(json.dumps(row, indent=1))
 
 

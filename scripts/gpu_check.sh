@@ -12,6 +12,11 @@
 #           seed-gpu preset (targets: <= 1.15, teacher >= 120k img/s)
 #   step    the teacher's train_step at batch 256, 1024 and 4096: fp32 / channels_last / bf16 / fp16
 #   multi   with more than one GPU: the warm pipeline on all of them (scaling, same accuracies)
+#   strong  OPTIONAL, not in the default STEPS (it needs most of one 10-minute call): the
+#           `strong` preset's whole pipeline (torchvision ResNet-18 teacher with the CIFAR stem
+#           -> cache -> student_cnn normal and KD -> report): pipeline-<card>-strong.json
+#           (targets: teacher >= 0.94, the KD student's gain over the normal one, the times).
+#           Alone, in a call of timeout_s=600: STEPS="env strong" BUDGET_S=570 OUT=... bash scripts/gpu_check.sh
 # Usage: OUT=/tmp/gpu-check bash scripts/gpu_check.sh   (the device tool: OUT is its $OUT)
 # Every step gets what is left of BUDGET_S (default 420 s); logs and JSON go to $OUT.
 # A dry run of the script's logic on a CPU, in a minute:
@@ -83,6 +88,9 @@ EOF
     step) for b in 256 1024 4096; do
             step "step-$b" 60 "$PY" -m benchmarks --only train_step --batch "$b" --cache-dir "$CACHE" --out "$OUT/step-$b"
           done ;;
+    strong) step strong 540 "$PY" -m benchmarks.gpu_pipeline --preset strong --archive "$ARCHIVE" --cache "$CACHE" \
+              --work "$RUNS" --out "$OUT" --nproc 1 --tag strong
+            keep_run "$RUNS/pipeline-strong-1" strong ;;
     multi) if [ "$NGPU" -gt 1 ]; then pipeline "multi-$NGPU" 150 "$NGPU"; else echo "multi skipped: $NGPU GPU" \
              | tee -a "$OUT/steps.txt"; fi ;;
     *) echo "unknown step $s"; exit 2 ;;
