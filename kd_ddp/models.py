@@ -23,6 +23,7 @@ the width doubles per block. The classifier is flatten -> hidden -> ReLU -> drop
 
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 import sys
@@ -92,10 +93,34 @@ def model_kwargs(cfg: Config, role: str) -> dict[str, Any]:
 
 def uses_cifar_stem(cfg: Config, role: str) -> bool:
     """Whether a torchvision model of this role gets the CIFAR stem: `model.cifar_stem`, whose
-    `auto` means on for images of at most 64 px (and only where the model has a stride-2 stem)."""
-    if model_kind(model_name(cfg, role)) != "torchvision" or cfg.model.cifar_stem == "false":
+    `auto` means on for images of at most 64 px where the model has a stride-2 stem."""
+    name = model_name(cfg, role)
+    if model_kind(name) != "torchvision" or cfg.model.cifar_stem == "false":
         return False
-    return cfg.model.cifar_stem == "true" or cfg.data.image_size <= 64
+    if cfg.model.cifar_stem == "true":
+        return True
+    return cfg.data.image_size <= 64 and has_stride2_stem(name, json.dumps(model_kwargs(cfg, role), sort_keys=True))
+
+
+@functools.cache
+def has_stride2_stem(name: str, kwargs_json: str) -> bool:
+    """Whether torchvision model `name`'s first conv has stride 2 (the stems the CIFAR stem
+    adapts), read from a build on the meta device (no memory, no initialization), or on the
+    CPU for the builders that cannot build there; False for a name or kwargs that do not build
+    (the real build says why)."""
+    import torchvision
+
+    arch, kwargs = name.partition(":")[2], json.loads(kwargs_json)
+    try:
+        with torch.device("meta"):
+            model = torchvision.models.get_model(arch, weights=None, **kwargs)
+    except NotImplementedError:  # an initializer that reads values (RegNet)
+        with torch.random.fork_rng(devices=[]):
+            model = torchvision.models.get_model(arch, weights=None, **kwargs)
+    except Exception:
+        return False
+    first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    return first is not None and first.stride == (2, 2)
 
 
 def architecture(cfg: Config, role: str) -> Any:

@@ -20,7 +20,7 @@ from torch import nn
 from kd_ddp.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from kd_ddp.config import ConfigError, describe_differences, load_config
 from kd_ddp.data import PreparedData
-from kd_ddp.models import ConvNet, build_model, check_output, model_facts
+from kd_ddp.models import ConvNet, architecture, build_model, check_output, model_facts
 from kd_ddp.train import read_teacher_weights, stage_fingerprint
 from tests.conftest import REPO, run_cli
 
@@ -198,6 +198,9 @@ def test_the_fingerprint_names_the_architecture_and_only_the_fields_that_apply()
     assert describe_differences(tv, seed, have_name="checkpoint has") == [
         f"model: checkpoint has {seed['model']!r}, this run needs {tv['model']!r}"]
     assert "sync_bn" not in seed
+    # auto: the stem is recorded as on only for a model it applies to (a stride-2 first conv)
+    patchify = architecture(_cfg("model.teacher=torchvision:convnext_tiny"), "teacher")
+    assert patchify == {"arch": "torchvision:convnext_tiny", "kwargs": {}, "cifar_stem": False}
     assert stage_fingerprint(_cfg("train.sync_bn=true"), "student-normal", data, "off")["sync_bn"] is True
 
 
