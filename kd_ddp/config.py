@@ -777,9 +777,10 @@ def _flatten(values: dict[str, Any], leaves: dict[str, Any], sections: set[str],
 
 def _coerce(key: str, value: Any, typ: Any) -> Any:
     """A value read from a file, checked against its field's type. A string is parsed as on
-    the command line (YAML reads `1e-3` as a string), a number in a string field becomes its
-    text (YAML reads `gpus: 4` as a number); an int stays an int in a float field, so that a
-    file reproduces the `to_dict()` it was written from."""
+    the command line (YAML reads `1e-3` as a string), a number or bool in a string field
+    becomes its command-line text (YAML reads `gpus_per_node: 4` as a number and
+    `cifar_stem: true` as a bool); an int stays an int in a float field, so that a file
+    reproduces the `to_dict()` it was written from."""
     if typing.get_origin(typ) is list and isinstance(value, list):
         (item,) = typing.get_args(typ)
         return [_coerce(key, v, item) for v in value]
@@ -788,6 +789,8 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
     number = isinstance(value, int | float) and not isinstance(value, bool)
     if typ is str and number:
         return str(value)
+    if typ is str and isinstance(value, bool):
+        return "true" if value else "false"
     if (typ is float and number) or (typ in (int, bool) and type(value) is typ):
         return value
     raise ConfigError(f"{key}: expected a {getattr(typ, '__name__', typ)}, got {value!r}")

@@ -139,6 +139,13 @@ def test_a_run_dirs_config_json_is_a_config_file(tmp_path: Path, preset: str) ->
     assert again == cfg and json.dumps(again.to_dict()) == json.dumps(cfg.to_dict())
 
 
+def test_yaml_numbers_and_bools_in_text_fields_read_as_on_the_command_line(tmp_path: Path) -> None:
+    """YAML types `4` and `true`: a text field takes them as the command line's `4` and `true`."""
+    (tmp_path / "c.yaml").write_text("model:\n  cifar_stem: true\nslurm:\n  teacher:\n    gpus_per_node: 4\n")
+    cfg = load_config("seed", [], tmp_path / "c.yaml")
+    assert cfg == load_config("seed", ["model.cifar_stem=true", "slurm.teacher.gpus_per_node=4"])
+
+
 def test_preset_then_file_then_overrides(tmp_path: Path) -> None:
     (tmp_path / "part.yaml").write_text("kd:\n  alpha: 0.3\noptim:\n  epochs: 3\n  lr: 1e-3\nrun:\n  dir: 7\n")
     cfg = load_config("quick", ["kd.temperature=2"], tmp_path / "part.yaml")
