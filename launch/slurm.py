@@ -521,6 +521,10 @@ def absolute_paths(preset: str, overrides: list[str]) -> list[str]:
         pins.append(f"data.root={Path(cfg.data.root).expanduser().resolve()}")
     if cfg.slurm.log_dir:
         pins.append(f"slurm.log_dir={Path(cfg.slurm.log_dir).expanduser().resolve()}")
+    if cfg.model.python_path:  # a user's model module, imported by every task
+        pins.append("model.python_path=" + ",".join(str(Path(d).expanduser().resolve()) for d in cfg.model.python_path))
+    if cfg.model.teacher_checkpoint:
+        pins.append(f"model.teacher_checkpoint={Path(cfg.model.teacher_checkpoint).expanduser().resolve()}")
     return pins
 
 
@@ -532,10 +536,16 @@ def check_paths(cfg: Config, needs_data: bool) -> list[str]:
     """Refuse (ConfigError) what the jobs cannot do without; return warnings for the rest:
     paths on a filesystem only this node sees."""
     from kd_ddp.doctor import node_local
+    from kd_ddp.models import check_models
+    from kd_ddp.train import provisional_classes
 
     root = Path(cfg.data.root)
     if needs_data and cfg.data.source != "synthetic" and not root.exists():
         raise ConfigError(f"data.root {root} does not exist (the jobs read it at this same path)")
+    if needs_data:  # a bad model name, module or output shape: refused here, not in a job hours later
+        check_models(cfg, ["teacher", "student"], provisional_classes(cfg))
+    if needs_data and cfg.model.teacher_checkpoint and not Path(cfg.model.teacher_checkpoint).is_file():
+        raise ConfigError(f"model.teacher_checkpoint {cfg.model.teacher_checkpoint} does not exist")
     if needs_data and cfg.data.loader == "ffcv" and not cfg.slurm.python:
         try:
             import ffcv  # noqa: F401

@@ -23,8 +23,9 @@ from typing import Any
 
 import pytest
 
+from kd_ddp.config import ConfigError, load_config
 from launch import ports
-from launch.slurm import Step, expand_wildcards, point_name, split_grid, sweep_steps
+from launch.slurm import Step, absolute_paths, check_paths, expand_wildcards, point_name, split_grid, sweep_steps
 
 REPO = Path(__file__).resolve().parents[1]
 DEV_CLUSTER = REPO / "slurm" / "dev-cluster"
@@ -134,6 +135,27 @@ def test_sweep_grid_and_plan(tmp_path: Path) -> None:
     assert (point / "teacher").resolve() == (tmp_path / "teacher").resolve()
     assert (point / "teacher-logits").resolve() == (tmp_path / "sweep-caches" / "seed1" / "teacher-logits")
     assert steps[3].configs[0].seed == 1 and kd.configs[3].kd.alpha == 0.9
+
+
+@pytest.mark.fast
+def test_model_paths_are_pinned_and_bad_models_refused_before_submission(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Jobs run in another directory: a user's model directory and an adopted teacher's file
+    are made absolute; a model that would fail in a job hours later is refused at submission."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mods").mkdir()
+    (tmp_path / "mods" / "flat.py").write_text(
+        "import torch\n\ndef build(num_classes):\n    return torch.nn.Linear(3, num_classes)  # not for images\n")
+    pins = absolute_paths("smoke", ["model.python_path=mods", "model.teacher_checkpoint=t.pt"])
+    assert f"model.python_path={tmp_path / 'mods'}" in pins
+    assert f"model.teacher_checkpoint={tmp_path / 't.pt'}" in pins
+    cfg = load_config("smoke", [*pins, f"run.dir={tmp_path / 'run'}", f"data.cache_dir={tmp_path / 'c'}",
+                                "model.student=flat:build"])
+    with pytest.raises(ConfigError, match="flat:build"):
+        check_paths(cfg, needs_data=True)
+    cfg.model.student = "student_cnn"
+    with pytest.raises(ConfigError, match=f"model.teacher_checkpoint {tmp_path / 't.pt'} does not exist"):
+        check_paths(cfg, needs_data=True)
 
 
 # -- the pipeline: a chain of jobs, one of them with 2 tasks -----------------------------
