@@ -47,7 +47,7 @@ step() {  # step NAME LIMIT_S CMD...: run with what is left of the budget, log t
   if [ "$left" -lt 20 ]; then echo "$name skipped: budget spent" | tee -a "$OUT/steps.txt"; return 1; fi
   [ "$limit" -gt "$left" ] && limit=$left
   echo "== $(date +%T) $name (at most ${limit} s)"
-  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  timeout -k 15 "$limit" "$@" > "$OUT/$name.log" 2>&1  # -k: SIGKILL what a SIGTERM leaves (a torchrun child checkpointing)
   rc=$?
   echo "$name rc=$rc $((SECONDS - t0)) s" | tee -a "$OUT/steps.txt"
   tail -n 15 "$OUT/$name.log"
