@@ -167,6 +167,13 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Confi
 
 
 def main(argv: list[str] | None = None) -> int:
+    code = run_command(argv)
+    if distributed.joined_a_group():  # a torchrun rank: see distributed.end_process
+        distributed.end_process(code)
+    return code
+
+
+def run_command(argv: list[str] | None = None) -> int:
     try:
         args, cfg = parse_args(argv)
         if args.stage == "config":

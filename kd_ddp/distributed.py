@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import logging
 import os
+import sys
 from dataclasses import dataclass
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
 
 from kd_ddp.config import Config, ConfigError
+
+# Set once this process has joined a process group (see end_process).
+_JOINED = False
 
 
 @dataclass
@@ -93,6 +99,7 @@ def import_ffcv_first() -> None:
 
 def setup(cfg: Config) -> DistEnv:
     """Join the process group described by the environment (a no-op for one process)."""
+    global _JOINED
     env = DistEnv(
         rank=int(os.environ.get("RANK", 0)),
         world_size=int(os.environ.get("WORLD_SIZE", 1)),
@@ -119,6 +126,7 @@ def setup(cfg: Config) -> DistEnv:
         # torchrun keeps its store across elastic restarts: without a per-attempt prefix a
         # restarted group reads the dead workers' gloo addresses and fails to connect.
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        _JOINED = True
         dist.init_process_group(backend, store=dist.PrefixStore(f"kd_ddp/attempt{attempt}", store), rank=rank,
                                 world_size=world, timeout=timeout,
                                 device_id=env.device if backend == "nccl" else None)
@@ -128,6 +136,25 @@ def setup(cfg: Config) -> DistEnv:
 def teardown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def joined_a_group() -> bool:
+    return _JOINED
+
+
+def end_process(code: int) -> NoReturn:
+    """End a process that was in a process group, after teardown, without the interpreter's
+    and C++ runtime's exit-time clean-up. With torch 2.14, a DistributedDataParallel model
+    keeps its gloo group alive after destroy_process_group (its threads survive it); that
+    group is then destroyed during interpreter exit, where it can abort ("terminate called
+    without an active exception", SIGABRT): ~1 exit in 5 of two ranks on a busy 2-core
+    machine, and torchrun reports a finished run as failed. Everything this package writes
+    is closed by then; stdio and logging are flushed here."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
 
 
 def barrier(env: DistEnv) -> None:

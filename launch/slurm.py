@@ -24,6 +24,7 @@ from its last epoch checkpoint.
 from __future__ import annotations
 
 import argparse
+import atexit
 import dataclasses
 import functools
 import itertools
@@ -88,6 +89,7 @@ class StageJob(submitit.helpers.Checkpointable):
 
     def __call__(self) -> dict[str, Any]:
         from kd_ddp.cli import run_stage
+        from kd_ddp.distributed import joined_a_group
         from kd_ddp.train import Preempted
 
         # Slurm started the tasks: no torchrun here, the task identity becomes torch's env.
@@ -102,7 +104,10 @@ class StageJob(submitit.helpers.Checkpointable):
         cfg = from_dict(self.config)
         check_node(cfg, self.stage, self.gpus)
         try:
-            return run_stage(cfg, self.stage, self.mode)
+            result = run_stage(cfg, self.stage, self.mode)
+            if joined_a_group():
+                atexit.register(end_once_saved, submitit.JobEnvironment().paths.result_pickle)
+            return result
         except Preempted as e:
             # SIGTERM: Slurm is ending the job (requeue, preemption, cancel) and the stage has
             # checkpointed mid-epoch. Leave without a result, so submitit records no failure.
@@ -118,6 +123,20 @@ class StageJob(submitit.helpers.Checkpointable):
         print(f"kd-ddp {self.stage}: interrupted; requeueing, the stage resumes from its last "
               "checkpoint", flush=True)
         return super().checkpoint(*args, **kwargs)
+
+
+def end_once_saved(result_pickle: Path) -> None:
+    """At exit of a task that was in a process group: once submitit has saved its result as a
+    success, end the process as `kd_ddp.distributed.end_process` does (it says why), so a
+    finished stage does not abort in the interpreter's exit and leave Slurm a failed task. An
+    error, or no result, leaves the normal exit and its code."""
+    try:
+        status = pickle_load(result_pickle)[0]
+    except Exception:
+        return
+    if status == "success":
+        from kd_ddp.distributed import end_process
+        end_process(0)
 
 
 class SweepReportJob(StageJob):

@@ -24,3 +24,4 @@ masks = distributed.all_gather_object(hashlib.sha256(mask.numpy().tobytes()).hex
 if env.is_main:
     print(json.dumps({"masks": masks}), flush=True)
 distributed.teardown()
+distributed.end_process(0)  # see its docstring: a clean exit after DDP under torch 2.14

@@ -20,3 +20,4 @@ loss, acc = evaluate(teacher, EvalLoader(cfg, data, env), env, mean, std, cfg, a
 if env.is_main:
     print(json.dumps({"test_loss": loss, "test_acc": acc, "world_size": env.world_size}), flush=True)
 distributed.teardown()
+distributed.end_process(0)  # see its docstring: a clean exit after DDP under torch 2.14

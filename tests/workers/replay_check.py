@@ -41,3 +41,4 @@ for r in distributed.all_gather_object(row, env):
     if env.is_main:
         print(json.dumps(r), flush=True)
 distributed.teardown()
+distributed.end_process(0)  # see its docstring: a clean exit after DDP under torch 2.14
