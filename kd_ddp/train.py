@@ -205,6 +205,11 @@ def lr_at(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
+# optim fields of one role (teacher or students): a stage's fingerprint has them as its
+# resolved "epochs" and "lr"
+PER_ROLE_OPTIM = ("teacher_epochs", "student_epochs", "student_lr")
+
+
 def stage_fingerprint(cfg: Config, stage: str, data: PreparedData, precision: str,
                       teacher_hash: str = "") -> dict[str, Any]:
     """Everything that changes a stage's result; a checkpoint or summary made under another
@@ -215,7 +220,9 @@ def stage_fingerprint(cfg: Config, stage: str, data: PreparedData, precision: st
         "data": data.content_hash,
         "augmentation": [cfg.data.crop_padding, cfg.data.flip],
         "model": architecture(cfg, role),
-        "optim": {k: v for k, v in vars(cfg.optim).items() if k not in ("teacher_epochs", "student_epochs")}
+        # the stage's own epochs and LR, not the other role's: a student sweep over
+        # optim.student_lr reuses its finished teacher
+        "optim": {k: v for k, v in vars(cfg.optim).items() if k not in PER_ROLE_OPTIM}
         | {"epochs": cfg.epochs_for(role), "lr": cfg.lr_for(role)},
         "seed": cfg.seed,
         "precision": precision,  # autocast dtype actually used (train.amp=auto resolves per device)

@@ -178,8 +178,8 @@ def test_the_strong_preset_distills_a_cifar_resnet18_into_the_seed_student() -> 
     student = ("student", "student_width", "student_hidden", "dropout")  # the seed's student, unchanged
     assert all(getattr(strong.model, f) == getattr(seed_gpu.model, f) for f in student)
     assert strong.optim.lr == pytest.approx(0.1 * strong.optim.batch_size / 128)  # linear scaling from 0.1 per 128
-    students_lr = seed_gpu.optim.lr * strong.optim.batch_size / seed_gpu.optim.batch_size
-    assert strong.lr_for("student") == pytest.approx(students_lr)  # the students: seed-gpu's LR, rescaled
+    rule = seed_gpu.lr_for("student") * (strong.optim.batch_size / seed_gpu.optim.batch_size) ** 0.5
+    assert strong.lr_for("student") == pytest.approx(rule, abs=0.005)  # the students: seed-gpu's sqrt rule
     assert strong.kd.views == strong.epochs_for("student")  # a fresh cached view every student epoch
     assert strong.data.source == "archive" and strong.optim.label_smoothing == 0
 
@@ -202,6 +202,22 @@ def test_the_fingerprint_names_the_architecture_and_only_the_fields_that_apply()
     patchify = architecture(_cfg("model.teacher=torchvision:convnext_tiny"), "teacher")
     assert patchify == {"arch": "torchvision:convnext_tiny", "kwargs": {}, "cifar_stem": False}
     assert stage_fingerprint(_cfg("train.sync_bn=true"), "student-normal", data, "off")["sync_bn"] is True
+
+
+@fast
+def test_a_stage_fingerprint_holds_its_own_epochs_and_lr_not_the_other_roles() -> None:
+    data = PreparedData(Path("."), {"content_hash": "h", "classes": list("abcdefghij")})
+    base = _cfg("optim.lr=0.4", "optim.epochs=3")
+    students = _cfg("optim.lr=0.4", "optim.epochs=3", "optim.student_lr=0.2", "optim.student_epochs=5")
+    teacher_b = stage_fingerprint(students, "teacher", data, "off")
+    assert stage_fingerprint(base, "teacher", data, "off") == teacher_b  # a student sweep keeps its teacher
+    assert teacher_b["optim"]["lr"] == 0.4 and teacher_b["optim"]["epochs"] == 3
+    student = stage_fingerprint(students, "student-kd", data, "off")
+    assert (student["optim"]["lr"], student["optim"]["epochs"]) == (0.2, 5)
+    assert student != stage_fingerprint(base, "student-kd", data, "off")
+    teacher_c = stage_fingerprint(_cfg("optim.lr=0.4", "optim.epochs=3", "optim.teacher_epochs=4"), "teacher", data,
+                                  "off")
+    assert teacher_c != teacher_b and teacher_c["optim"]["epochs"] == 4
 
 
 class _Runs:
