@@ -51,7 +51,7 @@ def _fit(cfg: Config, role: str, train: Any, test: Any, loss_fn: LossFn) -> tupl
     epochs = cfg.epochs_for(role)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr_for(role), momentum=cfg.optim.momentum,
                           nesterov=cfg.optim.nesterov, weight_decay=cfg.optim.weight_decay)
-    total, warmup = epochs * len(train), int(cfg.optim.warmup_epochs * len(train))
+    total, warmup = epochs * len(train), int(cfg.warmup_for(role) * len(train))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, total, warmup))
     t0 = time.perf_counter()
     acc = 0.0

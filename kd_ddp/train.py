@@ -207,7 +207,7 @@ def lr_at(step: int, total: int, warmup: int) -> float:
 
 # optim fields of one role (teacher or students): a stage's fingerprint has them as its
 # resolved "epochs" and "lr"
-PER_ROLE_OPTIM = ("teacher_epochs", "student_epochs", "student_lr")
+PER_ROLE_OPTIM = ("teacher_epochs", "student_epochs", "student_lr", "student_warmup_epochs")
 
 
 def stage_fingerprint(cfg: Config, stage: str, data: PreparedData, precision: str,
@@ -220,10 +220,10 @@ def stage_fingerprint(cfg: Config, stage: str, data: PreparedData, precision: st
         "data": data.content_hash,
         "augmentation": [cfg.data.crop_padding, cfg.data.flip],
         "model": architecture(cfg, role),
-        # the stage's own epochs and LR, not the other role's: a student sweep over
+        # the stage's own epochs, LR and warm-up, not the other role's: a student sweep over
         # optim.student_lr reuses its finished teacher
         "optim": {k: v for k, v in vars(cfg.optim).items() if k not in PER_ROLE_OPTIM}
-        | {"epochs": cfg.epochs_for(role), "lr": cfg.lr_for(role)},
+        | {"epochs": cfg.epochs_for(role), "lr": cfg.lr_for(role), "warmup_epochs": cfg.warmup_for(role)},
         "seed": cfg.seed,
         "precision": precision,  # autocast dtype actually used (train.amp=auto resolves per device)
     }
@@ -441,7 +441,7 @@ class Trainer:
         self.test_loader = EvalLoader(cfg, data, env)
         self.mean, self.std = data.stats(env.device)
         self.optimizer = make_optimizer(cfg, self.model, role)
-        total, warmup = self.epochs * len(self.loader), int(cfg.optim.warmup_epochs * len(self.loader))
+        total, warmup = self.epochs * len(self.loader), int(cfg.warmup_for(role) * len(self.loader))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_at(s, total, warmup))
         self.scaler = torch.amp.GradScaler(env.device.type, enabled=self.dtype == torch.float16)
         self.net: nn.Module = DDP(self.model) if env.distributed else self.model

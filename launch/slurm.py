@@ -54,7 +54,7 @@ RESOURCES = {"prepare-data": "prepare_data", "train-teacher": "teacher", "cache-
 PIPELINE_STEPS = ("prepare-data", "train-teacher", "cache-logits", "student-normal", "student-kd", "report")
 # Sweepable keys change only the KD student: the teacher and the data stay shared.
 SWEEPABLE = ("kd.alpha", "kd.temperature", "seed", "kd.teacher", "optim.student_epochs", "optim.student_lr",
-             "model.student", "model.student_width", "model.student_hidden")
+             "optim.student_warmup_epochs", "model.student", "model.student_width", "model.student_hidden")
 SHORT_NAMES = {"kd.alpha": "a", "kd.temperature": "t", "seed": "s"}
 # sacct states of a job that may still complete. PREEMPTED is not one: a job requeued after
 # preemption is back in the queue (see settle), one preempted with PreemptMode=CANCEL is over.

@@ -208,12 +208,13 @@ def test_the_fingerprint_names_the_architecture_and_only_the_fields_that_apply()
 def test_a_stage_fingerprint_holds_its_own_epochs_and_lr_not_the_other_roles() -> None:
     data = PreparedData(Path("."), {"content_hash": "h", "classes": list("abcdefghij")})
     base = _cfg("optim.lr=0.4", "optim.epochs=3")
-    students = _cfg("optim.lr=0.4", "optim.epochs=3", "optim.student_lr=0.2", "optim.student_epochs=5")
+    students = _cfg("optim.lr=0.4", "optim.epochs=3", "optim.student_lr=0.2", "optim.student_epochs=5",
+                    "optim.student_warmup_epochs=2")
     teacher_b = stage_fingerprint(students, "teacher", data, "off")
     assert stage_fingerprint(base, "teacher", data, "off") == teacher_b  # a student sweep keeps its teacher
     assert teacher_b["optim"]["lr"] == 0.4 and teacher_b["optim"]["epochs"] == 3
     student = stage_fingerprint(students, "student-kd", data, "off")
-    assert (student["optim"]["lr"], student["optim"]["epochs"]) == (0.2, 5)
+    assert (student["optim"]["lr"], student["optim"]["epochs"], student["optim"]["warmup_epochs"]) == (0.2, 5, 2)
     assert student != stage_fingerprint(base, "student-kd", data, "off")
     teacher_c = stage_fingerprint(_cfg("optim.lr=0.4", "optim.epochs=3", "optim.teacher_epochs=4"), "teacher", data,
                                   "off")

@@ -109,15 +109,21 @@ def test_within_the_limit_the_stage_finishes_and_reports_the_skips(trainer_facto
 
 
 @pytest.mark.fast
-def test_logged_lr_is_the_one_the_last_step_used(trainer_factory) -> None:
-    trainer = trainer_factory()
+@pytest.mark.parametrize("stage", ["teacher", "student-normal"])
+def test_logged_lr_is_the_one_the_last_step_used(trainer_factory, stage: str) -> None:
+    # the students' own LR and warm-up (seed-gpu sets both); the teacher keeps optim.lr/warmup_epochs
+    trainer = trainer_factory("optim.epochs=3", "optim.student_lr=0.03", "optim.student_warmup_epochs=2",
+                              stage=stage)
     trainer.fit(StageTracker())
     rows = [json.loads(x) for x in (trainer.out / "metrics.jsonl").read_text().splitlines()]
     steps, cfg = len(trainer.loader), trainer.cfg
-    total, warmup = trainer.epochs * steps, int(cfg.optim.warmup_epochs * steps)
+    peak, warmup_epochs = (cfg.optim.lr, cfg.optim.warmup_epochs) if stage == "teacher" else (0.03, 2)
+    total, warmup = trainer.epochs * steps, int(warmup_epochs * steps)
     for r in rows:
         last = r["epoch"] * steps - 1
-        assert r["lr"] == pytest.approx(cfg.optim.lr * lr_at(last, total, warmup), rel=1e-12)
+        assert r["lr"] == pytest.approx(peak * lr_at(last, total, warmup), rel=1e-12)
+    if stage != "teacher":
+        assert rows[0]["lr"] < rows[1]["lr"]  # still warming up after epoch 1
     assert rows[-1]["lr"] > 0  # not the schedule's value after the end
 
 
