@@ -463,7 +463,7 @@ class Trainer:
         """Continue from the stage's checkpoint, if any (refused when made under another config)."""
         if self.ckpt_path.is_file():
             state = load_checkpoint(self.ckpt_path)
-            refuse_another_config(state, self.fp, self.ckpt_path)
+            refuse_another_config(state, self.fp, self.ckpt_path, self.cfg.optim.student_lr)
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
@@ -697,10 +697,21 @@ class Trainer:
         self.stop.close()
 
 
-def refuse_another_config(state: dict[str, Any], fp: dict[str, Any], path: Path) -> None:
+def accepted_fingerprints(fp: dict[str, Any], student_lr: float = 0.0) -> set[str]:
+    """The hash of `fp`, and the one the same stage was recorded under before a stage's
+    optim part held only its own role's fields (2026-11-29, when optim.student_warmup_epochs
+    came): it then also held optim.student_lr, 0 unless set. Run dirs made before stay valid:
+    a finished stage is kept, a checkpoint resumed (and saved again under the new hash)."""
+    hashes = {fingerprint(fp)}
+    if "optim" in fp:
+        hashes.add(fingerprint(fp | {"optim": fp["optim"] | {"student_lr": student_lr}}))
+    return hashes
+
+
+def refuse_another_config(state: dict[str, Any], fp: dict[str, Any], path: Path, student_lr: float = 0.0) -> None:
     """CheckpointError naming what differs when checkpoint `state` was made under another
     fingerprint than `fp`."""
-    if state.get("fingerprint") == fingerprint(fp):
+    if state.get("fingerprint") in accepted_fingerprints(fp, student_lr):
         return
     diffs = describe_differences(fp, state.get("fingerprint_fields", {}), have_name="checkpoint has")
     raise CheckpointError(
@@ -709,12 +720,13 @@ def refuse_another_config(state: dict[str, Any], fp: dict[str, Any], path: Path)
         + f"\nuse another run.dir, or delete {path.parent} to start this stage over")
 
 
-def finished_summary(path: Path, fp_hash: str) -> dict[str, Any] | None:
-    """The stage's summary if it was made with this fingerprint, else None (train again)."""
+def finished_summary(path: Path, hashes: set[str]) -> dict[str, Any] | None:
+    """The stage's summary if it was made with one of these fingerprints (accepted_fingerprints),
+    else None (train again)."""
     if not path.is_file():
         return None
     summary = json.loads(path.read_text())
-    return summary if summary.get("fingerprint") == fp_hash else None
+    return summary if summary.get("fingerprint") in hashes else None
 
 
 def adopt_teacher(cfg: Config, env: DistEnv, data: PreparedData) -> dict[str, Any]:
@@ -730,7 +742,7 @@ def adopt_teacher(cfg: Config, env: DistEnv, data: PreparedData) -> dict[str, An
     fp = {"stage": "teacher", "adopted": weights_hash(teacher.state_dict()), "data": data.content_hash,
           "model": architecture(cfg, "teacher"), "precision": precision_name(dtype)}
     out = cfg.run_dir / "teacher"
-    done = finished_summary(out / "summary.json", fingerprint(fp))
+    done = finished_summary(out / "summary.json", accepted_fingerprints(fp))
     if done is not None:
         if env.is_main:
             log.info("teacher: already adopted from %s, test_acc=%.4f", source, done["test_acc"])
@@ -791,7 +803,7 @@ def train_stage(cfg: Config, env: DistEnv, data: PreparedData, stage: str) -> di
         teacher, teacher_hash = teacher_logits_source(cfg, data, env, dtype)
     fp = stage_fingerprint(cfg, stage, data, precision_name(dtype), teacher_hash)
     summary_path = cfg.run_dir / stage / "summary.json"
-    done = finished_summary(summary_path, fingerprint(fp))
+    done = finished_summary(summary_path, accepted_fingerprints(fp, cfg.optim.student_lr))
     if done is not None:
         if env.is_main:
             log.info("%s: already trained (%s), test_acc=%.4f", stage, summary_path, done["test_acc"])

@@ -18,10 +18,10 @@ import torchvision
 from torch import nn
 
 from kd_ddp.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from kd_ddp.config import ConfigError, describe_differences, load_config
+from kd_ddp.config import ConfigError, describe_differences, fingerprint, load_config
 from kd_ddp.data import PreparedData
 from kd_ddp.models import ConvNet, architecture, build_model, check_output, model_facts
-from kd_ddp.train import read_teacher_weights, stage_fingerprint
+from kd_ddp.train import accepted_fingerprints, read_teacher_weights, stage_fingerprint
 from tests.conftest import REPO, run_cli
 
 fast = pytest.mark.fast
@@ -219,6 +219,23 @@ def test_a_stage_fingerprint_holds_its_own_epochs_and_lr_not_the_other_roles() -
     teacher_c = stage_fingerprint(_cfg("optim.lr=0.4", "optim.epochs=3", "optim.teacher_epochs=4"), "teacher", data,
                                   "off")
     assert teacher_c != teacher_b and teacher_c["optim"]["epochs"] == 4
+
+
+@fast
+def test_stages_recorded_before_the_per_role_fingerprint_stay_valid() -> None:
+    """Until 2026-11-29 a stage's optim part held every optim field but the per-stage epochs
+    (optim.student_lr included): what such a run recorded is still accepted, with the same
+    student_lr, and not with another."""
+    data = PreparedData(Path("."), {"content_hash": "h", "classes": list("abcdefghij")})
+    cfg = _cfg("optim.lr=0.4")
+    for stage, role in (("teacher", "teacher"), ("student-normal", "student")):
+        fp = stage_fingerprint(cfg, stage, data, "off")
+        fields = vars(cfg.optim)
+        old_optim = {k: v for k, v in fields.items() if k not in ("teacher_epochs", "student_epochs",
+                                                                  "student_warmup_epochs")}
+        old = fp | {"optim": old_optim | {"epochs": cfg.epochs_for(role), "lr": cfg.lr_for(role)}}
+        assert fingerprint(old) in accepted_fingerprints(fp, cfg.optim.student_lr)
+        assert fingerprint(old) not in accepted_fingerprints(fp, 0.3)
 
 
 class _Runs:
