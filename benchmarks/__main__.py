@@ -72,7 +72,8 @@ def main() -> None:
             md += [f"### Training step (batch {args.batch}) and each stage's distance to its compute limit", "",
                    train_step.markdown(steps or [], limit), ""]
         if "loop_compare" in args.only and args.baseline:
-            results["loop_compare"] = loop_compare.run(args.baseline, args.data_root, work / "loop")
+            results["loop_compare"] = loop_compare.run(args.baseline, args.data_root, work / "loop",
+                                                       repeats=args.repeats)
             md += [f"### Training loop vs revision {args.baseline}, side by side", "",
                    loop_compare.markdown(results["loop_compare"]), ""]
         if "kd_epoch" in args.only:

@@ -53,6 +53,7 @@ def _pipeline(src: Path, run_dir: Path, cache: Path, preset: str, archive: str, 
 
 def run(baseline: str, archive: str, work: Path, preset: str = "quick", epochs: int = 3,
         repeats: int = 2) -> dict[str, Any]:
+    archive = str(Path(archive).resolve())  # each tree runs in its own directory
     trees = {"baseline": extract(baseline, work / "baseline-src"), "current": REPO}
     samples: dict[str, dict[str, list[float]]] = {name: {s: [] for s in STAGES} for name in trees}
     for i in range(repeats):  # alternated, so drift in machine load hits both alike
