@@ -539,6 +539,14 @@ def test_wait_ends_on_a_cancelled_preemption_and_follows_a_requeued_one(slurm_en
                 proc.kill()
 
 
+def _default_sigint() -> None:
+    """In the launcher's process, before Python starts: SIGINT back to its default. A suite run
+    in the background of a non-interactive shell (`make test &`, nohup) inherits SIGINT
+    ignored, and Python then raises no KeyboardInterrupt for it, so the launcher never saw the
+    signal this test sends (the hang once seen in fresh-clone CI)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_job_pending_on_a_partition_limit_says_why(slurm_env: dict[str, str], cache_dir: Path,
                                                   tmp_path: Path) -> None:
     """Partition short has MaxTime=2 (minutes): a 30-minute job there pends for good."""
@@ -546,7 +554,7 @@ def test_job_pending_on_a_partition_limit_says_why(slurm_env: dict[str, str], ca
                              "--preset", "smoke", "--wait", "--poll-s", "1", "--pending-notice-s", "2",
                              "slurm.prepare_data.partition=short", *common(tmp_path, cache_dir)],
                             cwd=REPO, env={**slurm_env, "PYTHONFAULTHANDLER": "1"}, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint)
     try:
         assert proc.stdout is not None
         lines: list[str] = []
@@ -560,8 +568,7 @@ def test_job_pending_on_a_partition_limit_says_why(slurm_env: dict[str, str], ca
         try:
             out, err = proc.communicate(timeout=120)
         except subprocess.TimeoutExpired:
-            # Seen once in CI (2026-11-30), not reproduced: the launcher still running a minute
-            # after SIGINT. SIGABRT makes faulthandler print where every thread is.
+            # SIGABRT makes faulthandler print where every thread is.
             proc.send_signal(signal.SIGABRT)
             out, err = proc.communicate(timeout=30)
             pytest.fail(f"launcher still running 120 s after SIGINT; its threads:\n{err[-6000:]}")
