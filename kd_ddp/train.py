@@ -206,7 +206,7 @@ def lr_at(step: int, total: int, warmup: int) -> float:
 
 
 # optim fields of one role (teacher or students): a stage's fingerprint has them as its
-# resolved "epochs" and "lr"
+# resolved "epochs", "lr" and "warmup_epochs"
 PER_ROLE_OPTIM = ("teacher_epochs", "student_epochs", "student_lr", "student_warmup_epochs")
 
 
