@@ -7,6 +7,7 @@ Sources: `synthetic` (made on the fly), `imagefolder` (root/train/<class>/*, roo
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import io
 import logging
@@ -150,11 +151,95 @@ def _decode_splits(splits: list[list[tuple[str, str | bytes, int]]], classes: li
 # -- official CIFAR-10 python batches -------------------------------------------------
 
 
+def _array_rebuilders() -> dict[tuple[str, str], object]:
+    """The functions numpy pickles name to rebuild an array, under every name they have had:
+    `numpy.core.multiarray` in the official files (Python 2, numpy 1), `numpy._core` since
+    numpy 2, and `_frombuffer` in protocol-5 pickles. Taken from how this numpy reduces an
+    array, so the same code works with numpy 1.26 and 2."""
+    empty = np.zeros(0, dtype=np.uint8)
+    reconstruct, frombuffer = empty.__reduce__()[0], empty.__reduce_ex__(5)[0]
+    return {(package + suffix, fn.__name__): fn
+            for package in ("numpy.core", "numpy._core")
+            for suffix, fn in ((".multiarray", reconstruct), (".numeric", frombuffer))}
+
+
+class _RefusedName(pickle.UnpicklingError):
+    """A pickle names a callable that CIFAR batches never hold."""
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Reads what a CIFAR python batch holds and nothing else. A pickle can name any callable
+    and have it called while loading (a crafted batches.meta could run a shell); here the
+    only names that resolve are numpy's array and dtype rebuilders and `_codecs.encode`
+    (how Python 3's protocol 2 writes bytes); dicts, lists, str, bytes and numbers need no
+    name at all."""
+
+    ALLOWED: dict[tuple[str, str], object] = {
+        **_array_rebuilders(),
+        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "dtype"): np.dtype,
+        ("_codecs", "encode"): codecs.encode,
+    }
+
+    def find_class(self, module: str, name: str) -> object:
+        try:
+            return self.ALLOWED[(module, name)]
+        except KeyError:
+            raise _RefusedName(f"{module}.{name}") from None
+
+
 def _unpickle(path: Path) -> dict:
+    """The dict a CIFAR batch file holds; DataError naming the file when it is missing, is not
+    a pickle, is cut short or holds anything but plain data and numpy arrays."""
     if not path.is_file():
         raise DataError(f"missing CIFAR batch file {path}")
-    with open(path, "rb") as f:
-        return pickle.load(f, encoding="bytes")
+    try:
+        with open(path, "rb") as f:
+            value = _CifarUnpickler(f, encoding="bytes").load()
+    except OSError as e:
+        raise DataError(f"cannot read CIFAR batch file {path}: {e.strerror}") from None
+    except _RefusedName as e:
+        raise DataError(f"CIFAR batch file {path} names {e}, which a CIFAR batch never holds: refused, not loaded "
+                        "(loading a pickle runs what it names)") from None
+    except Exception as e:  # a malformed pickle raises many types (EOFError, ValueError, KeyError, ...)
+        raise DataError(f"CIFAR batch file {path} is not a readable CIFAR batch: {type(e).__name__}: {e}"
+                        ) from None
+    if not isinstance(value, dict):
+        raise DataError(f"CIFAR batch file {path} holds a {type(value).__name__}, not a dict of the batch's fields")
+    return value
+
+
+def _field(batch: dict, key: bytes, path: Path) -> object:
+    if key not in batch:
+        raise DataError(f"CIFAR batch file {path} has no {key!r} entry (has {sorted(batch, key=repr)!r})")
+    return batch[key]
+
+
+def _class_names(path: Path) -> list[str]:
+    names = _field(_unpickle(path), b"label_names", path)
+    if not isinstance(names, list) or len(names) < 2 or not all(isinstance(c, bytes | str) for c in names):
+        raise DataError(f"CIFAR batch file {path}: b'label_names' must be a list of at least two names")
+    return [c.decode() if isinstance(c, bytes) else c for c in names]
+
+
+def _batch_arrays(path: Path, num_classes: int) -> tuple[np.ndarray, list[int]]:
+    """(images as (N, 32, 32, 3) uint8, labels) of one batch file, its shapes and values checked."""
+    batch = _unpickle(path)
+    data, labels = _field(batch, b"data", path), _field(batch, b"labels", path)
+    if not (isinstance(data, np.ndarray) and data.ndim == 2 and data.shape[1] == 3 * 32 * 32
+            and np.issubdtype(data.dtype, np.integer)):
+        shape = f"{data.dtype} array of shape {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
+        raise DataError(f"CIFAR batch file {path}: b'data' must be an integer array of shape (N, 3072) "
+                        f"(N images of 3x32x32 pixels), got a {shape}")
+    if data.size and (data.min() < 0 or data.max() > 255):
+        raise DataError(f"CIFAR batch file {path}: b'data' holds values outside 0..255")
+    label_array = np.asarray(labels) if isinstance(labels, list | np.ndarray) else None
+    if not (label_array is not None and label_array.shape == (len(data),)
+            and (np.issubdtype(label_array.dtype, np.integer) or not len(data))
+            and all(0 <= v < num_classes for v in label_array.tolist())):
+        raise DataError(f"CIFAR batch file {path}: b'labels' must be a list of {len(data)} class indices "
+                        f"in 0..{num_classes - 1} (one per row of b'data')")
+    return data.astype(np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), label_array.tolist()
 
 
 def _resize_all(images: np.ndarray, size: int) -> np.ndarray:
@@ -170,16 +255,14 @@ def cifar_batches(root: Path, image_size: int) -> RawDataset:
         root = root / "cifar-10-batches-py"
     if not root.is_dir():
         raise DataError(f"data.root {root} does not exist (expected cifar-10-batches-py)")
-    meta = _unpickle(root / "batches.meta")
-    classes = [c.decode() if isinstance(c, bytes) else c for c in meta[b"label_names"]]
+    classes = _class_names(root / "batches.meta")
 
     def read(names: list[str]) -> Split:
         imgs, labels = [], []
         for name in names:
-            batch = _unpickle(root / name)
-            data = np.asarray(batch[b"data"], dtype=np.uint8)
-            imgs.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
-            labels.extend(batch[b"labels"])
+            images, batch_labels = _batch_arrays(root / name, len(classes))
+            imgs.append(images)
+            labels.extend(batch_labels)
         images = _resize_all(np.ascontiguousarray(np.concatenate(imgs)), image_size)
         return Split(images, np.array(labels, dtype=np.int64))
 

@@ -1,0 +1,125 @@
+"""Inputs kd-ddp must not trust (issue 21, "Trust, round 2"): data files and result files
+that are pickles never run code when read, and a malformed one is a message naming it."""
+
+from __future__ import annotations
+
+import builtins
+import os
+import pickle
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from kd_ddp.sources import DataError, cifar_batches
+from tests.conftest import run_cli
+
+QUIET = ["tracking.wandb.mode=disabled"]
+
+
+class Payload:
+    """Pickles as a call of `fn(*args)`: what a crafted pickle runs when it is loaded."""
+
+    def __init__(self, fn: Any, *args: Any) -> None:
+        self.fn, self.args = fn, args
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        return self.fn, self.args
+
+
+def write_official_cifar(root: Path, n_per_batch: int = 4) -> Path:
+    """A cifar-10-batches-py directory pickled as the official files are: protocol 2, arrays
+    named by numpy.core.multiarray._reconstruct (numpy 1's name, which the official Python 2
+    pickles use), each batch a dict of b'data' (N, 3072) uint8, b'labels' (a list),
+    b'batch_label' and b'filenames'; batches.meta holds b'label_names'."""
+    d = root / "cifar-10-batches-py"
+    d.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {b"batch_label": f"{name} of 5".encode(),
+                 b"labels": rng.integers(0, 10, n_per_batch).tolist(),
+                 b"data": rng.integers(0, 256, (n_per_batch, 3072), dtype=np.uint8),
+                 b"filenames": [f"img_{i}.png".encode() for i in range(n_per_batch)]}
+        blob = pickle.dumps(batch, protocol=2)
+        (d / name).write_bytes(blob.replace(b"cnumpy._core.multiarray\n", b"cnumpy.core.multiarray\n"))
+    meta = {b"num_cases_per_batch": n_per_batch, b"label_names": [f"c{i}".encode() for i in range(10)],
+            b"num_vis": 3072}
+    (d / "batches.meta").write_bytes(pickle.dumps(meta, protocol=2))
+    return d
+
+
+# -- CIFAR python batches -------------------------------------------------------------
+
+
+@pytest.mark.fast
+def test_official_format_batches_still_load(tmp_path: Path) -> None:
+    d = write_official_cifar(tmp_path)
+    assert b"cnumpy.core.multiarray\n_reconstruct" in (d / "test_batch").read_bytes()
+    raw = cifar_batches(tmp_path, 32)
+    assert raw.classes == [f"c{i}" for i in range(10)]
+    assert raw.train.images.shape == (20, 32, 32, 3) and raw.test.images.shape == (4, 32, 32, 3)
+    batch = pickle.loads((d / "data_batch_1").read_bytes(), encoding="bytes")
+    np.testing.assert_array_equal(raw.train.images[0], batch[b"data"][0].reshape(3, 32, 32).transpose(1, 2, 0))
+    assert raw.train.labels[:4].tolist() == batch[b"labels"]
+
+
+@pytest.mark.fast
+def test_crafted_batches_meta_is_refused_not_run(tmp_path: Path) -> None:
+    d = write_official_cifar(tmp_path)
+    marker = tmp_path / "pwned"
+    crafted = pickle.dumps({b"label_names": Payload(builtins.open, str(marker), "w")}, protocol=2)
+    pickle.loads(crafted)[b"label_names"].close()  # the file is a real exploit: a plain pickle.load creates the marker
+    assert marker.exists()
+    marker.unlink()
+    (d / "batches.meta").write_bytes(crafted)
+    with pytest.raises(DataError) as e:
+        cifar_batches(tmp_path, 32)
+    assert not marker.exists()
+    assert str(d / "batches.meta") in str(e.value) and "names io.open" in str(e.value), e.value
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize("damage, message", [
+    (lambda blob: blob[: len(blob) // 2], "not a readable CIFAR batch"),
+    (lambda blob: b"PK\x03\x04 a zip, not a pickle", "not a readable CIFAR batch"),
+    (lambda blob: pickle.dumps([1, 2, 3], protocol=2), "holds a list, not a dict"),
+    (lambda blob: pickle.dumps({b"labels": [0]}, protocol=2), "has no b'data' entry"),
+    (lambda blob: pickle.dumps({b"data": np.zeros((2, 3072), np.uint8)}, protocol=2), "has no b'labels' entry"),
+    (lambda blob: pickle.dumps({b"data": np.zeros((2, 1024), np.uint8), b"labels": [0, 1]}, protocol=2),
+     "b'data' must be an integer array of shape (N, 3072)"),
+    (lambda blob: pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0]}, protocol=2),
+     "b'labels' must be a list of 2 class indices in 0..9"),
+    (lambda blob: pickle.dumps({b"data": np.zeros((1, 3072), np.uint8), b"labels": [10]}, protocol=2),
+     "b'labels' must be a list of 1 class indices in 0..9"),
+])
+def test_malformed_batch_is_named(tmp_path: Path, damage: Any, message: str) -> None:
+    d = write_official_cifar(tmp_path)
+    batch = d / "data_batch_3"
+    batch.write_bytes(damage(batch.read_bytes()))
+    with pytest.raises(DataError) as e:
+        cifar_batches(tmp_path, 32)
+    assert str(batch) in str(e.value) and message in str(e.value), e.value
+
+
+def prepare_cifar(tmp_path: Path, root: Path) -> Any:
+    return run_cli(["prepare-data", "--preset", "smoke", "data.source=cifar-batches", f"data.root={root}",
+                    f"data.cache_dir={tmp_path / 'cache'}", f"run.dir={tmp_path / 'run'}", *QUIET], check=False)
+
+
+def test_cli_refuses_crafted_and_truncated_batches(tmp_path: Path) -> None:
+    d = write_official_cifar(tmp_path / "src")
+    marker = tmp_path / "pwned"
+    meta = (d / "batches.meta").read_bytes()
+    (d / "batches.meta").write_bytes(pickle.dumps({b"label_names": Payload(os.system, f"touch {marker}")}, 2))
+    proc = prepare_cifar(tmp_path, d)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert f"kd-ddp: error: CIFAR batch file {d / 'batches.meta'}" in proc.stderr and "posix.system" in proc.stderr
+    assert not marker.exists()
+
+    (d / "batches.meta").write_bytes(meta)
+    (d / "test_batch").write_bytes((d / "test_batch").read_bytes()[:100])
+    proc = prepare_cifar(tmp_path, d)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert f"kd-ddp: error: CIFAR batch file {d / 'test_batch'} is not a readable CIFAR batch" in proc.stderr
+    assert not list((tmp_path / "cache").rglob("*.npy")) and not list((tmp_path / "cache").rglob("*.beton"))
