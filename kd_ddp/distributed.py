@@ -7,6 +7,8 @@ import datetime
 import logging
 import os
 import sys
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NoReturn
 
@@ -15,8 +17,15 @@ import torch.distributed as dist
 
 from kd_ddp.config import Config, ConfigError
 
+log = logging.getLogger(__name__)
+
 # Set once this process has joined a process group (see end_process).
 _JOINED = False
+# Work that must happen before end_process's os._exit, which skips atexit (see at_end_process).
+_END_HOOKS: list[Callable[[int], None]] = []
+# The longest end_process waits for its hooks: a hung one (a W&B service that does not
+# answer) must not keep a finished rank, and torchrun with it, from ending.
+END_HOOKS_TIMEOUT_S = 180.0
 
 
 @dataclass
@@ -142,19 +151,56 @@ def joined_a_group() -> bool:
     return _JOINED
 
 
+def at_end_process(hook: Callable[[int], None]) -> None:
+    """Run `hook(exit_code)` in end_process, before os._exit: the place for clean-up that
+    would otherwise have run in an atexit handler (tracking finishes its W&B runs there)."""
+    if hook not in _END_HOOKS:
+        _END_HOOKS.append(hook)
+
+
+def _run_end_hooks(code: int) -> None:
+    """The end hooks, last registered first (as atexit), each one's failure a warning. They
+    run in the main thread (wandb expects its calls there); a watchdog thread ends the
+    process if they outlast END_HOOKS_TIMEOUT_S."""
+    watchdog = threading.Timer(END_HOOKS_TIMEOUT_S, _overdue, (code, END_HOOKS_TIMEOUT_S))
+    watchdog.daemon = True
+    watchdog.start()
+    for hook in reversed(_END_HOOKS):
+        try:
+            hook(code)
+        except BaseException as e:  # SystemExit too: wandb.teardown raises it for a failed service
+            log.warning("clean-up at exit (%s) failed: %s: %s", getattr(hook, "__qualname__", hook),
+                        type(e).__name__, e)
+    watchdog.cancel()
+
+
+def _flush_and_exit(code: int) -> NoReturn:
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
+
+
+def _overdue(code: int, timeout_s: float) -> None:
+    log.warning("clean-up at exit still running after %.0f s; ending the process without it", timeout_s)
+    _flush_and_exit(code)
+
+
 def end_process(code: int) -> NoReturn:
     """End a process that was in a process group, after teardown, without the interpreter's
     and C++ runtime's exit-time clean-up. With torch 2.14, a DistributedDataParallel model
     keeps its gloo group alive after destroy_process_group (its threads survive it); that
     group is then destroyed during interpreter exit, where it can abort ("terminate called
     without an active exception", SIGABRT): ~1 exit in 5 of two ranks on a busy 2-core
-    machine, and torchrun reports a finished run as failed. Everything this package writes
-    is closed by then; stdio and logging are flushed here."""
-    logging.shutdown()
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(Exception):
-            stream.flush()
-    os._exit(code)
+    machine, and torchrun reports a finished run as failed. os._exit also skips the atexit
+    handlers, wandb's among them (it finishes open runs and flushes them), so the hooks of
+    at_end_process run first; then stdio and logging are flushed."""
+    try:
+        if _END_HOOKS:
+            _run_end_hooks(code)
+    finally:  # a Ctrl-C during the clean-up still ends the process with its code
+        _flush_and_exit(code)
 
 
 def barrier(env: DistEnv) -> None:

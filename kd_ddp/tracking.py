@@ -15,13 +15,21 @@ the same per-epoch records (epoch = W&B step) and the final summary to a W&B run
 - `log_report` makes one more run (`job_type` "report") holding the report's PNGs.
 - Hermetic: WANDB_DIR and the data/cache/config/artifact dirs point under the run dir
   before wandb is touched, so concurrent runs and CI do not share or pollute ~/.
-- W&B never kills or hangs training: every call is guarded; an exception is logged as
-  a warning and W&B is switched off for the rest of the process. The one hard error is
-  `preflight`: mode=online without an API key fails at start, before any data or epoch.
+- W&B never kills or hangs training: every call is guarded and its exception logged as a
+  warning. A failed log, summary or artifact stops logging to that run only: the run is
+  still finished, and later stages get runs of their own. A failed `wandb.init` switches
+  W&B off for the rest of the process (a service that cannot start a run fails every
+  init the same way, each after up to INIT_TIMEOUT_S). The one hard error is `preflight`:
+  mode=online without an API key fails at start, before any data or epoch.
+- No run is lost: every started run is finished, by its stage (`finish` or `abort`,
+  whatever failed before), else at the end of the process (`finish_open_runs`, from
+  atexit and from `distributed.end_process`, whose os._exit skips atexit and wandb's own
+  hook with it); then `wandb.teardown()` waits for the service to flush everything.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import hashlib
 import importlib.metadata
@@ -31,6 +39,7 @@ import os
 import platform
 import re
 import socket
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -39,7 +48,7 @@ from typing import Any
 import torch
 
 from kd_ddp.config import Config, ConfigError
-from kd_ddp.distributed import DistEnv
+from kd_ddp.distributed import DistEnv, at_end_process
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +62,9 @@ INIT_TIMEOUT_S = 60.0
 FINISH_TIMEOUT_S = 120.0
 VERSIONED_PACKAGES = ("torch", "numpy", "ffcv", "wandb", "wandb-workspaces", "kd-ddp")
 
-_broken = False  # set after the first W&B failure: no further W&B calls in this process
+_broken = False  # set when wandb does not import or an init failed: no more runs in this process
+_open_runs: list[Any] = []  # started and not yet finished: finish_open_runs ends them
+_exit_hooked = False  # whether finish_open_runs is registered to run at exit
 
 
 # -- names and places -----------------------------------------------------------------
@@ -199,18 +210,22 @@ def system_facts(cfg: Config, env: DistEnv) -> dict[str, Any]:
 # -- guarded W&B calls --------------------------------------------------------------------
 
 
-def _guard(what: str, fn: Callable[[], Any]) -> Any:
-    """Run one W&B call; on any failure warn once and switch W&B off for this process."""
-    global _broken
-    if _broken:
-        return None
+def _attempt(what: str, fn: Callable[[], Any], consequence: str) -> tuple[bool, Any]:
+    """Run one W&B call: (True, its result), or (False, None) with a warning saying what
+    failed and what follows from it (`consequence`)."""
     try:
-        return fn()
+        return True, fn()
     except Exception as e:
-        _broken = True
-        log.warning("W&B %s failed (%s: %s); W&B tracking is off for the rest of this run, "
-                    "metrics.jsonl and summary.json are unaffected", what, type(e).__name__, e)
-        return None
+        log.warning("W&B %s failed (%s: %s); %s; metrics.jsonl and summary.json are unaffected",
+                    what, type(e).__name__, e, consequence)
+        return False, None
+
+
+def file_uri(path: Path) -> str:
+    """A file:// URI for an artifact reference. Quoted: wandb parses the reference as a URL
+    and unquotes its path, so a raw `#` or `?` in a dir name would cut the path there and
+    a raw `%41` read as "A" (the file then "does not exist" and the artifact fails)."""
+    return path.resolve().as_uri()
 
 
 def _settings(cfg: Config) -> Any:
@@ -228,6 +243,7 @@ def _settings(cfg: Config) -> Any:
 def init_run(cfg: Config, job_type: str, name: str, config: Callable[[], dict[str, Any]]) -> Any:
     """A W&B run of this config's group, or None when tracking is off or init failed.
     `config` is called inside the guard: gathering it must not be able to stop training."""
+    global _broken
     if not enabled(cfg):
         return None
 
@@ -243,23 +259,58 @@ def init_run(cfg: Config, job_type: str, name: str, config: Callable[[], dict[st
                           settings=_settings(cfg), reinit="finish_previous")
 
     t0 = time.perf_counter()
-    run = _guard("init", start)
-    if run is not None:
-        log.info("W&B %s run %r (group %s) started in %.2f s under %s", cfg.tracking.wandb.mode, name,
-                 group_name(cfg), time.perf_counter() - t0, cfg.run_dir / "wandb")
+    ok, run = _attempt("init", start, "W&B tracking is off for the rest of this process")
+    _hook_exit()  # even after a failed init: wandb may hold a half-made run to tear down
+    if not ok:
+        _broken = True
+        return None
+    _open_runs.append(run)
+    log.info("W&B %s run %r (group %s) started in %.2f s under %s", cfg.tracking.wandb.mode, name,
+             group_name(cfg), time.perf_counter() - t0, cfg.run_dir / "wandb")
     return run
 
 
-def finish_run(run: Any, what: str, before: Callable[[], None]) -> None:
-    """`before()` (summary, artifacts, images) then finish, guarded and timed."""
+def _hook_exit() -> None:
+    """Make sure the process ends with no run open (finish_open_runs), at a normal exit and
+    in distributed.end_process (whose os._exit skips atexit)."""
+    global _exit_hooked
+    if not _exit_hooked:
+        # Registered after wandb.init registered its own atexit teardown, so (last in,
+        # first out) ours runs before it, while the service still takes a finish.
+        atexit.register(finish_open_runs)
+        at_end_process(finish_open_runs)
+        _exit_hooked = True
 
-    def close() -> None:
-        t0 = time.perf_counter()
-        before()
-        run.finish()
+
+def close_run(run: Any, exit_code: int | None = None) -> bool:
+    """Finish `run` (exit_code 0 or None: finished, else failed), whatever failed before in
+    it; True when it finished. A run whose finish failed counts as closed: wandb marks it
+    finished before it sends the exit, so a second finish would do nothing."""
+    with contextlib.suppress(ValueError):
+        _open_runs.remove(run)
+    t0 = time.perf_counter()
+    ok, _ = _attempt(f"finish of run {getattr(run, 'name', '?')!r}", lambda: run.finish(exit_code=exit_code),
+                     "its data may be incomplete")
+    if ok:
         log.info("W&B run %r finished in %.2f s", run.name, time.perf_counter() - t0)
+    return ok
 
-    _guard(what, close)
+
+def finish_open_runs(exit_code: int = 0) -> None:
+    """At exit: finish every run still open (marked failed when the process fails), then
+    wait in wandb.teardown for the service to write out everything it holds."""
+    for run in list(_open_runs):
+        log.warning("W&B run %r was still open at exit; finishing it", getattr(run, "name", "?"))
+        close_run(run, exit_code or None)
+    if "wandb" in sys.modules:  # never import wandb just to tear it down
+        _attempt("teardown", sys.modules["wandb"].teardown, "some W&B data may not be written")
+
+
+def finish_run(run: Any, what: str, before: Callable[[], None]) -> bool:
+    """`before()` (summary, artifacts, images), then finish the run, even when `before` or
+    an earlier call failed. True when both succeeded."""
+    ok, _ = _attempt(what, before, f"the run {run.name!r} is finished without it")
+    return close_run(run) and ok
 
 
 # -- training stages ----------------------------------------------------------------------
@@ -281,11 +332,12 @@ class StageTracker:
 class WandbTracker(StageTracker):
     def __init__(self, cfg: Config, stage: str, run: Any) -> None:
         self.cfg, self.stage, self.run = cfg, stage, run
+        self.logging = True  # False after a failed call: the run gets no more data, only its finish
 
     def log_epoch(self, record: dict[str, Any]) -> None:
         # commit now: a row held back for the next step would be flushed at finish, after
         # (and over) the final summary's values of the same keys.
-        _guard("log", lambda: self.run.log(dict(record), step=int(record["epoch"]), commit=True))
+        self._call("log", lambda: self.run.log(dict(record), step=int(record["epoch"]), commit=True))
 
     def finish(self, summary: dict[str, Any]) -> None:
         def record() -> None:
@@ -293,11 +345,19 @@ class WandbTracker(StageTracker):
             for art in self._artifacts():
                 self.run.log_artifact(art)
 
-        finish_run(self.run, "finish", record)
+        if self.logging:
+            finish_run(self.run, f"{self.stage} summary and artifacts", record)
+        else:
+            close_run(self.run)
 
     def abort(self, exit_code: int) -> None:
         # marks the W&B run failed instead of leaving it "running" until W&B times it out
-        _guard("finish", lambda: self.run.finish(exit_code=exit_code))
+        close_run(self.run, exit_code)
+
+    def _call(self, what: str, fn: Callable[[], Any]) -> None:
+        if self.logging:
+            self.logging, _ = _attempt(f"{self.stage} {what}", fn,
+                                       f"the {self.stage} run logs no more (it is still finished)")
 
     def _artifacts(self) -> list[Any]:
         import wandb
@@ -309,15 +369,15 @@ class WandbTracker(StageTracker):
         for fname, checksum in (("summary.json", True), ("checkpoint.pt", False)):
             if (stage_dir / fname).is_file():
                 # checkpoint.pt: no checksum, it may be GBs; summary.json holds its weights hash.
-                ckpt.add_reference(f"file://{stage_dir / fname}", name=fname, checksum=checksum)
+                ckpt.add_reference(file_uri(stage_dir / fname), name=fname, checksum=checksum)
         arts = [ckpt]
         cache = self.cfg.run_dir.resolve() / "teacher-logits"
         if self.stage == "student-kd" and self.cfg.kd.teacher == "cached" and (cache / "manifest.json").is_file():
             cached = wandb.Artifact(_artifact_name(group, label, "teacher-logits"), type="teacher-logits",
                                     metadata=json.loads((cache / "manifest.json").read_text()),
                                     description="teacher-logits cache (referenced; sha256 in the manifest)")
-            cached.add_reference(f"file://{cache / 'manifest.json'}", name="manifest.json")
-            cached.add_reference(f"file://{cache / 'logits.npy'}", name="logits.npy", checksum=False)
+            cached.add_reference(file_uri(cache / "manifest.json"), name="manifest.json")
+            cached.add_reference(file_uri(cache / "logits.npy"), name="logits.npy", checksum=False)
             arts.append(cached)
         return arts
 
