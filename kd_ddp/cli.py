@@ -20,9 +20,9 @@ from kd_ddp import distributed, tracking
 from kd_ddp.checkpoint import NO_SPACE_HINT, CheckpointError, NoSpaceError, atomic_write_json
 from kd_ddp.config import Config, ConfigError, config_yaml, load_config
 from kd_ddp.data import prepare_data
-from kd_ddp.locks import BaseFileLock, LockUnsupported, RunDirBusy, lock_run_dir
+from kd_ddp.locks import BaseFileLock, LockUnsupported, LockWaitTimeout, RunDirBusy, lock_run_dir
 from kd_ddp.sources import DataError
-from kd_ddp.teacher_logits import CacheError, build_cache, check_cache
+from kd_ddp.teacher_logits import CacheError, build_cache, cache_lock, check_cache
 from kd_ddp.train import NonFiniteLoss, Preempted, amp_dtype, load_trained_teacher, preflight, train_stage
 
 log = logging.getLogger("kd_ddp")
@@ -37,22 +37,25 @@ def setup_logging(rank: int) -> None:
 
 
 def cache_logits(cfg: Config, env: distributed.DistEnv, data: Any, rebuild_invalid: bool = True) -> dict[str, Any]:
-    teacher, teacher_hash = load_trained_teacher(cfg, data, env)
-    try:
-        manifest = check_cache(cfg, data, teacher_hash)
-        if env.is_main:
-            log.info("teacher-logits cache is up to date")
-        return manifest
-    except CacheError as e:
-        if not rebuild_invalid:
-            raise
-        if env.is_main and "no teacher-logits cache" not in str(e):
-            log.warning("rebuilding the teacher-logits cache: %s", str(e).splitlines()[0])
-    return build_cache(cfg, env, data, teacher, teacher_hash, amp_dtype(cfg, env.device))
+    """Check the teacher-logits cache and (re)build it unless it is usable, under the cache's
+    lock, which a KD student takes to read it: a student never reads a cache half rebuilt."""
+    teacher, record = load_trained_teacher(cfg, data, env)
+    with cache_lock(cfg, env):
+        try:
+            manifest = check_cache(cfg, data, record)
+            if env.is_main:
+                log.info("teacher-logits cache is up to date")
+            return manifest
+        except CacheError as e:
+            if not rebuild_invalid:
+                raise
+            if env.is_main and "no teacher-logits cache" not in str(e):
+                log.warning("rebuilding the teacher-logits cache: %s", str(e).splitlines()[0])
+        return build_cache(cfg, env, data, teacher, record, amp_dtype(cfg, env.device))
 
 
 USER_ERRORS = (ConfigError, DataError, CacheError, CheckpointError, NoSpaceError, FileNotFoundError, RunDirBusy,
-               LockUnsupported)
+               LockUnsupported, LockWaitTimeout)
 
 
 def lock_names(stage: str, mode: str) -> list[str]:
