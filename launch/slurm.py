@@ -31,6 +31,7 @@ import itertools
 import json
 import math
 import os
+import pickle
 import shlex
 import socket
 import subprocess
@@ -42,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import submitit
-from submitit.core.utils import FailedJobError, FailedSubmissionError, pickle_load
+from submitit.core.utils import FailedJobError, FailedSubmissionError
 
 from kd_ddp.checkpoint import atomic_write_bytes, atomic_write_json
 from kd_ddp.config import Config, ConfigError, StageResources, from_dict, load_config
@@ -130,13 +131,68 @@ def end_once_saved(result_pickle: Path) -> None:
     success, end the process as `kd_ddp.distributed.end_process` does (it says why), so a
     finished stage does not abort in the interpreter's exit and leave Slurm a failed task. An
     error, or no result, leaves the normal exit and its code."""
-    try:
-        status = pickle_load(result_pickle)[0]
-    except Exception:
-        return
-    if status == "success":
+    if read_outcome(result_pickle)[0] == "success":
         from kd_ddp.distributed import end_process
         end_process(0)
+
+
+class _Inert:
+    """What every name a result file refers to loads as: it takes any arguments and state
+    and does nothing. kd-ddp reads only a result's outcome and an error's text, never the
+    value a successful job returned, so no name in the file is ever imported or called."""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> _Inert:
+        return object.__new__(cls)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __call__(self, *args: Any, **kwargs: Any) -> _Inert:  # cloudpickle calls what it rebuilt (a type)
+        return _Inert()
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        pass
+
+    def append(self, item: Any) -> None:
+        pass
+
+    def extend(self, items: Any) -> None:
+        pass
+
+
+class _ResultUnpickler(pickle.Unpickler):
+    """Reads a submitit result file without running it. submitit writes ("success", the
+    job's return value) or ("error", the traceback as text) with cloudpickle, which can
+    name any callable (a function pickled by value, too), and a plain pickle.load calls
+    what the file names: a crafted file in a log directory would run its code in whoever
+    reads the status."""
+
+    def find_class(self, module: str, name: str) -> type[_Inert]:
+        return _Inert
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise pickle.UnpicklingError("persistent ids are not part of a result")
+
+
+def read_outcome(result_pickle: Path) -> tuple[str, str]:
+    """A result file's outcome: ("success", ""), ("error", the traceback text), or
+    ("unreadable", why) for a missing or malformed file or one that holds anything but
+    what submitit writes."""
+    try:
+        with open(result_pickle, "rb") as f:
+            value = _ResultUnpickler(f).load()
+    except OSError as e:
+        return "unreadable", f"cannot read {result_pickle}: {e.strerror}"
+    except Exception as e:  # a malformed pickle raises many types
+        return "unreadable", f"{result_pickle} is not a result file: {type(e).__name__}: {e}"
+    if type(value) is tuple and len(value) == 2 and value[0] == "success":
+        return "success", ""
+    if type(value) is tuple and len(value) == 2 and value[0] == "error" and type(value[1]) is str:
+        return "error", value[1]
+    return "unreadable", f"{result_pickle} holds neither a success nor an error as submitit writes them"
 
 
 class SweepReportJob(StageJob):
@@ -653,10 +709,12 @@ def job_error(job: submitit.SlurmJob) -> str:
     for t in range(job.num_tasks):
         path = job.task(t).paths.result_pickle
         if path.is_file():
-            outcome, payload = pickle_load(path)
+            outcome, text = read_outcome(path)
             if outcome == "error":
-                lines = [ln for ln in str(payload).splitlines() if ln.strip()]
+                lines = [ln for ln in text.splitlines() if ln.strip()]
                 return lines[-1] if lines else "error"
+            if outcome == "unreadable":
+                return f"unreadable result: {text}"
     return ""
 
 

@@ -11,8 +11,11 @@ from typing import Any
 
 import numpy as np
 import pytest
+import submitit
+from submitit.core.utils import cloudpickle_dump
 
 from kd_ddp.sources import DataError, cifar_batches
+from launch.slurm import end_once_saved, job_error, read_outcome
 from tests.conftest import run_cli
 
 QUIET = ["tracking.wandb.mode=disabled"]
@@ -123,3 +126,43 @@ def test_cli_refuses_crafted_and_truncated_batches(tmp_path: Path) -> None:
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert f"kd-ddp: error: CIFAR batch file {d / 'test_batch'} is not a readable CIFAR batch" in proc.stderr
     assert not list((tmp_path / "cache").rglob("*.npy")) and not list((tmp_path / "cache").rglob("*.beton"))
+
+
+# -- submitit result files (launch.slurm status --wait, end_once_saved) -----------------
+
+
+@pytest.mark.fast
+def test_genuine_result_files_are_read(tmp_path: Path) -> None:
+    # What submitit's process_job writes: a job's return value may hold anything cloudpickle
+    # takes (here a Path, a numpy scalar and a function pickled by value).
+    cloudpickle_dump(("success", {"teacher": {"test_acc": np.float64(0.5), "dir": tmp_path, "f": lambda x: x}}),
+                     tmp_path / "ok.pkl")
+    assert read_outcome(tmp_path / "ok.pkl") == ("success", "")
+    trace = "Traceback (most recent call last):\n  File \"x.py\", line 1\nValueError: boom\n"
+    cloudpickle_dump(("error", trace), tmp_path / "err.pkl")
+    assert read_outcome(tmp_path / "err.pkl") == ("error", trace)
+
+
+@pytest.mark.fast
+def test_crafted_result_file_is_not_run(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    job = submitit.SlurmJob(folder=tmp_path / "%j", job_id="4242", tasks=range(1))
+    result = job.task(0).paths.result_pickle
+    result.parent.mkdir(parents=True)
+    cloudpickle_dump(Payload(builtins.open, str(marker), "w"), result)
+    pickle.loads(result.read_bytes()).close()  # a real exploit: a plain pickle.load creates the marker
+    marker.unlink()
+    payload = Payload(builtins.open, str(marker), "w")
+    # A success's value is never looked at (what it names loads as an inert stand-in): the
+    # file's outcome is read, its code is not run.
+    for crafted, expected in ((payload, "unreadable"), (("error", payload), "unreadable"),
+                              (("success", payload), "success")):
+        cloudpickle_dump(crafted, result)
+        assert read_outcome(result)[0] == expected
+        assert not marker.exists()
+    cloudpickle_dump(("error", Payload(builtins.open, str(marker), "w")), result)
+    assert job_error(job) == f"unreadable result: {result} holds neither a success nor an error as submitit writes them"
+    end_once_saved(result)  # an error that is not one: the normal exit, nothing run
+    result.write_bytes(result.read_bytes()[:20])
+    assert job_error(job).startswith(f"unreadable result: {result} is not a result file: ")
+    assert not marker.exists()
