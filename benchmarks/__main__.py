@@ -20,10 +20,21 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import ddp, kd_accuracy, kd_epoch, loader, loop_compare, memory, pipeline, train_step
+from benchmarks import (
+    ddp,
+    kd_accuracy,
+    kd_epoch,
+    loader,
+    loop_compare,
+    memory,
+    pipeline,
+    source_scan,
+    train_step,
+)
 from kd_ddp.tracking import cpu_name
 
-ALL = ("loader", "train_step", "compute_limit", "loop_compare", "kd_epoch", "kd_accuracy", "ddp", "memory", "pipeline")
+ALL = ("loader", "train_step", "compute_limit", "loop_compare", "kd_epoch", "kd_accuracy", "ddp", "memory", "pipeline",
+       "source_scan")
 
 
 def machine() -> str:
@@ -99,6 +110,10 @@ def main() -> None:
             results["pipeline"] = pipeline.run(args.data_root, work / "pipeline")
             md += ["### Whole pipeline vs a plain PyTorch script (quick preset, 1 process)", "",
                    pipeline.markdown(results["pipeline"]), ""]
+        if "source_scan" in args.only:
+            results["source_scan"] = source_scan.run(args.data_root)
+            md += ["### Data identity: reading a directory source's listing (CIFAR-10 as an ImageFolder)", "",
+                   source_scan.markdown(results["source_scan"]), ""]
         if "ddp" in args.only:
             results["ddp"] = ddp.run(work / "ddp", cache)
             md += ["### DDP and memory", "", ddp.markdown(results["ddp"]), ""]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pickle
 import tarfile
 from fractions import Fraction
@@ -286,3 +287,90 @@ def test_channel_stats_in_chunks_equal_the_whole_array_formula() -> None:
     mean, std = channel_stats(tiny, chunk=2)
     assert mean == [float(m) for m in exact_mean]
     np.testing.assert_allclose(std, [float(v) ** 0.5 for v in exact_var], rtol=1e-15)
+
+
+def _prepare_folder(root: Path, cache: Path) -> tuple[object, list[str]]:
+    cfg = load_config("smoke", ["data.source=imagefolder", f"data.root={root}", f"data.cache_dir={cache}",
+                                "data.image_size=8"])
+    data = prepare_data(cfg, DistEnv())
+    return data, sorted(p.name for p in (cache / "prepared").iterdir() if p.is_dir())
+
+
+@pytest.mark.fast
+def test_an_edited_image_folder_is_prepared_again(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A directory source is identified by what it holds: recoloured images and an added class
+    give a new preparation (new content hash, so no stage trained on the old data is reused),
+    the change is said, and an unchanged folder is found again without being rebuilt."""
+    root, cache = tmp_path / "folder", tmp_path / "cache"
+    write_imagefolder(root, ["a", "b"], 3, 8, "RGB")
+    first, dirs = _prepare_folder(root, cache)
+    again, same_dirs = _prepare_folder(root, cache)
+    assert (again.dir, again.content_hash, same_dirs) == (first.dir, first.content_hash, dirs)
+    for split in ("train", "test"):
+        for p in (root / split / "a").iterdir():
+            Image.new("RGB", (8, 8), (255, 0, 0)).save(p)
+    write_imagefolder(tmp_path / "more", ["c"], 3, 8, "RGB")
+    for split in ("train", "test"):
+        (tmp_path / "more" / split / "c").rename(root / split / "c")
+    with caplog.at_level("WARNING", logger="kd_ddp.data"):
+        edited, edited_dirs = _prepare_folder(root, cache)
+    assert edited.dir != first.dir and edited.content_hash != first.content_hash
+    assert edited.meta["classes"] == ["a", "b", "c"] and len(edited_dirs) == 2
+    assert "changed since it was prepared" in caplog.text and "will not be reused" in caplog.text
+
+
+@pytest.mark.fast
+def test_a_rewrite_that_keeps_size_and_mtime_is_seen(tmp_path: Path) -> None:
+    """`cp -p`/`touch -r` leave size and mtime as they were; the listing's ctime still moves.
+    Hidden files (an editor's or a notebook's droppings) are not data and change nothing."""
+    root, cache = tmp_path / "folder", tmp_path / "cache"
+    write_imagefolder(root, ["a", "b"], 2, 8, "RGB")
+    victim = root / "train" / "a" / "0000.png"
+    pixels = np.array(Image.open(victim))
+    Image.fromarray(pixels).save(victim, compress_level=0)  # stored: the size depends on the shape alone
+    first, _ = _prepare_folder(root, cache)
+    (root / "train" / ".DS_Store").write_bytes(b"x")
+    (root / "train" / "a" / ".0000.png.swp").write_bytes(b"x")
+    assert _prepare_folder(root, cache)[0].dir == first.dir
+    st = victim.stat()
+    Image.fromarray(255 - pixels).save(victim, compress_level=0)
+    os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert (victim.stat().st_size, victim.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+    rewritten, _ = _prepare_folder(root, cache)
+    assert rewritten.dir != first.dir
+
+
+@pytest.mark.fast
+def test_cifar_batches_dir_changed_is_prepared_again(tmp_path: Path) -> None:
+    write_cifar_batches(tmp_path / "src", 20)
+    root = tmp_path / "src" / "cifar-10-batches-py"
+    cfg = load_config("smoke", ["data.source=cifar-batches", f"data.root={root}",
+                                f"data.cache_dir={tmp_path / 'cache'}", "data.image_size=32"])
+    first = prepare_data(cfg, DistEnv())
+    with open(root / "test_batch", "rb") as f:
+        batch = pickle.load(f)
+    batch[b"labels"] = [(v + 1) % 10 for v in batch[b"labels"]]
+    with open(root / "test_batch", "wb") as f:
+        pickle.dump(batch, f)
+    second = prepare_data(cfg, DistEnv())
+    assert second.content_hash != first.content_hash
+
+
+def test_stages_on_an_edited_folder_are_not_reused(tmp_path: Path) -> None:
+    """Through the CLI, as a user meets it: the teacher trained on a folder is reused while the
+    folder is unchanged; once an image is replaced, the run dir's teacher (trained on the old
+    data) is refused with what changed and how to go on, and a new run dir trains on the new data."""
+    root = tmp_path / "folder"
+    write_imagefolder(root, ["a", "b"], 16, 8, "RGB")
+    args = ["train-teacher", "--preset", "smoke", "data.source=imagefolder", f"data.root={root}",
+            "data.image_size=8", f"data.cache_dir={tmp_path / 'cache'}", "tracking.wandb.mode=disabled",
+            "optim.batch_size=8"]
+    run_cli([*args, f"run.dir={tmp_path / 'run'}"])
+    assert "already trained" in run_cli([*args, f"run.dir={tmp_path / 'run'}"]).stderr
+    Image.new("RGB", (8, 8), (0, 255, 0)).save(root / "train" / "b" / "0003.png")
+    refused = run_cli([*args, f"run.dir={tmp_path / 'run'}"], check=False)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
+    assert "changed since it was prepared" in refused.stderr and "data: checkpoint has" in refused.stderr
+    assert "use another run.dir, or delete" in refused.stderr
+    fresh = run_cli([*args, f"run.dir={tmp_path / 'run2'}"]).stderr
+    assert "prepared data found" in fresh and "already trained" not in fresh
