@@ -22,6 +22,7 @@ import textwrap
 import tokenize
 import types
 import typing
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -605,9 +606,45 @@ def _reset_stage_epochs(cfg: Config, keys: typing.Iterable[str]) -> None:
         cfg.optim.teacher_epochs = cfg.optim.student_epochs = 0
 
 
+# Float fields that may hold nan or inf; every other float field must be a finite number.
+NONFINITE_ALLOWED: frozenset[str] = frozenset()
+# torch.manual_seed and numpy's generators take seeds in [0, 2**64).
+SEED_LIMIT = 2**64
+# Text fields that launch/slurm.py writes into the batch script (#SBATCH values, the srun
+# line, exports) or its paths (the log dir, by default under run.dir): a newline there would
+# start a script line of its own. slurm.setup is shell lines on purpose.
+SCRIPT_TEXT_EXEMPT = frozenset({"slurm.setup"})
+
+
+def _number_problems(leaves: dict[str, tuple[Any, str, Any]]) -> list[str]:
+    """nan or inf in a float field: refused before any range check, which nan passes unseen
+    (every comparison with it is false) and inf ends in an OverflowError deep inside training."""
+    return [f"{key}={getattr(owner, name)}: must be a finite number"
+            for key, (owner, name, typ) in leaves.items()
+            if typ is float and key not in NONFINITE_ALLOWED and not math.isfinite(getattr(owner, name))]
+
+
+def _control_characters(text: str) -> list[str]:
+    """The control characters and line breaks in `text`, as escapes ("\\n", "\\x00")."""
+    return sorted({repr(c)[1:-1] for c in text if unicodedata.category(c) in ("Cc", "Zl", "Zp")})
+
+
+def _script_text_problems(leaves: dict[str, tuple[Any, str, Any]]) -> list[str]:
+    problems = []
+    for key, (owner, name, typ) in leaves.items():
+        if typ is str and (key.startswith("slurm.") or key == "run.dir") and key not in SCRIPT_TEXT_EXEMPT:
+            bad = _control_characters(getattr(owner, name))
+            if bad:
+                problems.append(f"{key}={getattr(owner, name)!r}: holds control characters ({', '.join(bad)}): "
+                                "it is written into the Slurm batch script, where a line break starts a new line")
+    return problems
+
+
 def validate(cfg: Config) -> None:
-    problems: list[str] = []
     leaves = _leaf_fields(cfg)
+    problems = _number_problems(leaves)
+    if problems:  # the range checks below say nothing sensible about nan and inf
+        raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
     for key, allowed in CHOICES.items():
         owner, name, _ = leaves[key]
         if getattr(owner, name) not in allowed:
@@ -617,6 +654,7 @@ def validate(cfg: Config) -> None:
         if not ok:
             problems.append(msg)
 
+    need(0 <= cfg.seed < SEED_LIMIT, f"seed={cfg.seed}: must be in [0, 2**64 - 1] (the seeds torch and numpy take)")
     need(0.0 <= cfg.kd.alpha <= 1.0, f"kd.alpha={cfg.kd.alpha}: must be in [0, 1]")
     need(cfg.kd.temperature > 0, f"kd.temperature={cfg.kd.temperature}: must be > 0")
     need(cfg.kd.views >= 1, f"kd.views={cfg.kd.views}: must be >= 1")
@@ -645,7 +683,7 @@ def validate(cfg: Config) -> None:
     need(cfg.train.nonfinite_skip_limit >= 0, "train.nonfinite_skip_limit must be >= 0")
     need(cfg.train.check_every >= 0, "train.check_every must be >= 0 (0 = auto)")
     need(bool(cfg.run.dir), "run.dir must not be empty")
-    problems += _slurm_problems(cfg)
+    problems += _slurm_problems(cfg) + _script_text_problems(leaves)
     if problems:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
 

@@ -12,9 +12,14 @@ from typing import Any
 import numpy as np
 import pytest
 import submitit
+import torch
 from submitit.core.utils import cloudpickle_dump
 
+from kd_ddp.augment import sample_hash
+from kd_ddp.config import Config, ConfigError, _leaf_fields, load_config
+from kd_ddp.data import epoch_order
 from kd_ddp.sources import DataError, cifar_batches
+from kd_ddp.train import rank_seed
 from launch.slurm import end_once_saved, job_error, read_outcome
 from tests.conftest import run_cli
 
@@ -166,3 +171,89 @@ def test_crafted_result_file_is_not_run(tmp_path: Path) -> None:
     result.write_bytes(result.read_bytes()[:20])
     assert job_error(job).startswith(f"unreadable result: {result} is not a result file: ")
     assert not marker.exists()
+
+
+# -- values of the right type that make no sense ---------------------------------------
+
+
+def refusal(overrides: list[str]) -> str:
+    with pytest.raises(ConfigError) as e:
+        load_config("smoke", overrides)
+    return str(e.value)
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize("override, message", [
+    ("seed=-1", "seed=-1: must be in [0, 2**64 - 1]"),
+    (f"seed={2**64}", f"seed={2**64}: must be in [0, 2**64 - 1]"),
+    ("optim.warmup_epochs=inf", "optim.warmup_epochs=inf: must be a finite number"),
+    ("optim.student_warmup_epochs=inf", "optim.student_warmup_epochs=inf: must be a finite number"),
+    ("optim.student_warmup_epochs=nan", "optim.student_warmup_epochs=nan: must be a finite number"),
+    ("optim.lr=inf", "optim.lr=inf: must be a finite number"),
+    ("optim.student_lr=nan", "optim.student_lr=nan: must be a finite number"),
+    ("optim.weight_decay=inf", "optim.weight_decay=inf: must be a finite number"),
+    ("kd.temperature=inf", "kd.temperature=inf: must be a finite number"),
+    ("slurm.teacher.mem_gb=inf", "slurm.teacher.mem_gb=inf: must be a finite number"),
+    ("slurm.report.mem_gb=nan", "slurm.report.mem_gb=nan: must be a finite number"),
+    ("slurm.student.partition=gpu\n#SBATCH --uid=0", "slurm.student.partition='gpu\\n#SBATCH --uid=0': holds "
+     "control characters (\\n)"),
+    ("slurm.teacher.extra=--exclusive\r--hold", "holds control characters (\\r)"),
+])
+def test_senseless_values_are_refused(override: str, message: str) -> None:
+    assert message in refusal([override])
+
+
+@pytest.mark.fast
+def test_every_float_field_must_be_finite() -> None:
+    floats = [key for key, (_, _, typ) in _leaf_fields(Config()).items() if typ is float]
+    assert {"optim.warmup_epochs", "optim.student_warmup_epochs", "slurm.teacher.mem_gb"} <= set(floats)
+    for key in floats:
+        for value in ("inf", "-inf", "nan"):
+            assert f"{key}={value}: must be a finite number" in refusal([f"{key}={value}"])
+
+
+@pytest.mark.fast
+def test_nonfinite_numbers_in_a_config_file_are_refused(tmp_path: Path) -> None:
+    (tmp_path / "c.yaml").write_text("optim:\n  warmup_epochs: .inf\nslurm:\n  teacher:\n    mem_gb: .nan\n")
+    (tmp_path / "c.json").write_text('{"kd": {"temperature": Infinity}}')
+    with pytest.raises(ConfigError, match=r"optim.warmup_epochs=inf: must be a finite number\n  "
+                                          r"slurm.teacher.mem_gb=nan: must be a finite number"):
+        load_config("smoke", config_file=tmp_path / "c.yaml")
+    with pytest.raises(ConfigError, match="kd.temperature=inf: must be a finite number"):
+        load_config("smoke", config_file=tmp_path / "c.json")
+
+
+@pytest.mark.fast
+def test_every_slurm_text_field_refuses_line_breaks_but_setup() -> None:
+    texts = [key for key, (_, _, typ) in _leaf_fields(Config()).items()
+             if typ is str and key.startswith("slurm.") and key != "slurm.setup"]
+    assert {"slurm.log_dir", "slurm.wckey", "slurm.teacher.partition", "slurm.report.qos"} <= set(texts)
+    for key in [*texts, "run.dir"]:
+        assert f"{key}='a\\nb': holds control characters (\\n)" in refusal([f"{key}=a\nb"])
+    # slurm.setup is shell lines on purpose; the batch script runs them one by one
+    cfg = load_config("smoke", ["slurm.setup=module load cuda\nsource /shared/kd/bin/activate"])
+    assert cfg.slurm.setup.splitlines() == ["module load cuda", "source /shared/kd/bin/activate"]
+
+
+@pytest.mark.fast
+def test_the_largest_seed_works_wherever_seeds_go() -> None:
+    seed = load_config("smoke", [f"seed={2**64 - 1}"]).seed
+    assert torch.manual_seed(seed).initial_seed() == seed
+    assert torch.Generator().manual_seed(rank_seed(seed, 7)).initial_seed() == rank_seed(seed, 7)
+    order = epoch_order(100, seed=seed, epoch=3, rank=1, world=2, batch_per_rank=10)
+    assert sorted(order.tolist()) == sorted(set(order.tolist())) and len(order) == 50
+    assert sample_hash(seed, 5, torch.arange(4)).shape == (4,)
+    assert load_config("smoke", ["seed=0"]).seed == 0
+
+
+def test_cli_refuses_senseless_values_before_any_work(tmp_path: Path) -> None:
+    for i, bad in enumerate((["seed=-1"], ["optim.warmup_epochs=inf", "slurm.teacher.mem_gb=nan"],
+                             ["slurm.teacher.qos=normal\n#SBATCH --exclusive"])):
+        run_dir, cache = tmp_path / f"run{i}", tmp_path / f"cache{i}"
+        proc = run_cli(["prepare-data", "--preset", "smoke", f"run.dir={run_dir}", f"data.cache_dir={cache}",
+                        *QUIET, *bad], check=False)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+        assert proc.stderr.startswith("kd-ddp: error: invalid config:\n  "), proc.stderr
+        for item in bad:
+            assert f"{item.partition('=')[0]}=" in proc.stderr
+        assert not run_dir.exists() and not cache.exists()
