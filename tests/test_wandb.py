@@ -11,17 +11,21 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from kd_ddp.config import load_config
-from kd_ddp.tracking import TRAIN_STAGES, group_name
+from kd_ddp.tracking import TRAIN_STAGES, file_uri, group_name
 from tests.conftest import fake_stage
 
 REPO = Path(__file__).resolve().parents[1]
 CLOSED = "http://127.0.0.1:9"  # the discard port: nothing listens, a connect fails at once
+# A run dir name that a URL would misread: a space, `#` (fragment), `%41` ("A" once
+# unquoted) and `?` (query). Unquoted file:// references into it made W&B fail.
+AWKWARD_NAME = "run #1 %41?x"
 
 
 def sandbox(root: Path) -> tuple[dict[str, str], Path]:
@@ -35,9 +39,12 @@ def sandbox(root: Path) -> tuple[dict[str, str], Path]:
     return env, cwd
 
 
-def kd_ddp(args: list[str], env: dict[str, str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run([sys.executable, "-m", "kd_ddp", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=300)
+def kd_ddp(args: list[str], env: dict[str, str], cwd: Path, check: bool = True,
+           torchrun: int = 0) -> subprocess.CompletedProcess[str]:
+    """`kd-ddp ARGS` in the sandbox, or under torchrun with `torchrun` processes."""
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}"] if torchrun else []
+    proc = subprocess.run([sys.executable, *launcher, "-m", "kd_ddp", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600 if torchrun else 300)
     if check and proc.returncode:
         raise AssertionError(f"kd-ddp {args} exited {proc.returncode}\n{proc.stderr[-6000:]}")
     return proc
@@ -55,11 +62,39 @@ def read_wandb_run(run_path: Path, env: dict[str, str]) -> dict[str, Any]:
             summary |= r["summary"].get("update", {})
     return {"run": run, "config": run["config"]["update"], "summary": summary,
             "history": [r["history"] for r in records if r["type"] == "history"],
-            "artifacts": [r["artifact"] for r in records if r["type"] == "artifact"], "path": run_path}
+            "artifacts": [r["artifact"] for r in records if r["type"] == "artifact"],
+            "exits": [r["exit"] for r in records if r["type"] == "exit"], "path": run_path}
+
+
+def read_wandb_runs(run_dir: Path, env: dict[str, str]) -> dict[str, dict[str, Any]]:
+    """Every offline run under `run_dir`, by job type (stage); two of one stage fail."""
+    runs = [read_wandb_run(p, env) for p in sorted((run_dir / "wandb").glob("offline-run-*"))]
+    by_stage = {r["run"]["job_type"]: r for r in runs}
+    assert len(by_stage) == len(runs), [r["run"]["job_type"] for r in runs]
+    return by_stage
 
 
 def wandb_files(root: Path) -> list[Path]:
     return [p for p in root.rglob("*") if "wandb" in p.name.lower()]
+
+
+def assert_history_is(run: dict[str, Any], metrics: list[dict[str, Any]]) -> None:
+    """The run's history: one row per record, epoch = step, the records' very values."""
+    assert [h["step"]["num"] for h in run["history"]] == [m["epoch"] for m in metrics]
+    assert [{k: h["item"][k] for k in m} for h, m in zip(run["history"], metrics, strict=True)] == metrics
+
+
+def read_metrics(stage_dir: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (stage_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def referenced_files(run: dict[str, Any]) -> dict[str, Path]:
+    """Each artifact entry's name -> the local file its file:// reference resolves to, as
+    wandb resolves it (url2pathname of the parsed URL's path)."""
+    from wandb.util import local_file_uri_to_path
+
+    return {c["path"]: Path(local_file_uri_to_path(c["ref"])) for a in run["artifacts"]
+            for c in a["manifest"]["contents"]}
 
 
 @pytest.fixture(scope="module")
@@ -68,9 +103,8 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> dict[
     env, cwd = sandbox(root)
     run_dir = root / "run"
     kd_ddp(["pipeline", "--preset", "smoke", f"run.dir={run_dir}", f"data.cache_dir={cache_dir}"], env, cwd)
-    runs = [read_wandb_run(p, env) for p in sorted((run_dir / "wandb").glob("offline-run-*"))]
-    return {"root": root, "env": env, "cwd": cwd, "run_dir": run_dir,
-            "runs": {r["run"]["job_type"]: r for r in runs}, "n_runs": len(runs)}
+    runs = read_wandb_runs(run_dir, env)
+    return {"root": root, "env": env, "cwd": cwd, "run_dir": run_dir, "runs": runs, "n_runs": len(runs)}
 
 
 def test_pipeline_offline_runs_read_back(pipeline: dict[str, Any]) -> None:
@@ -87,10 +121,7 @@ def test_pipeline_offline_runs_read_back(pipeline: dict[str, Any]) -> None:
         system = r["config"]["system"]
         assert system["device"] == "cpu" and system["world_size"] == 1 and system["precision"] in ("fp32", "bf16")
         assert system["versions"]["torch"] and system["versions"]["wandb"]
-        # Per-epoch history, epoch = step, the very values of metrics.jsonl.
-        metrics = [json.loads(line) for line in (run_dir / stage / "metrics.jsonl").read_text().splitlines()]
-        assert [h["step"]["num"] for h in r["history"]] == [m["epoch"] for m in metrics]
-        assert [{k: h["item"][k] for k in m} for h, m in zip(r["history"], metrics, strict=True)] == metrics
+        assert_history_is(r, read_metrics(run_dir / stage))  # epoch = step, the values of metrics.jsonl
         summary = json.loads((run_dir / stage / "summary.json").read_text())
         for key in ("test_acc", "train_time_s", "images_per_s", "amp", "world_size"):
             assert r["summary"][key] == summary[key]
@@ -111,6 +142,113 @@ def test_pipeline_writes_nothing_outside_the_run_dir(pipeline: dict[str, Any]) -
     assert not list(pipeline["cwd"].iterdir())
     assert wandb_files(root / "home") == [] and wandb_files(root / "tmp") == []
     assert (pipeline["run_dir"] / "wandb" / "cache").is_dir()  # WANDB_CACHE_DIR went there
+
+
+def test_torchrun_pipeline_in_an_awkward_run_dir_keeps_every_run(tmp_path: Path, cache_dir: Path) -> None:
+    """The issue's case: under torchrun x2 (ranks end with os._exit) in a run dir whose name
+    a URL would misread, every stage's run is made, finished and read back whole."""
+    env, cwd = sandbox(tmp_path)
+    run_dir = tmp_path / AWKWARD_NAME
+    proc = kd_ddp(["pipeline", "--preset", "smoke", f"run.dir={run_dir}", f"data.cache_dir={cache_dir}"], env, cwd,
+                  torchrun=2)
+    assert "W&B" not in "".join(line for line in proc.stderr.splitlines(True) if "failed" in line), proc.stderr
+
+    runs = read_wandb_runs(run_dir, env)
+    assert set(runs) == {*TRAIN_STAGES, "report"}
+    for stage, r in runs.items():
+        assert [e.get("exit_code", 0) for e in r["exits"]] == [0], stage  # finished, not cut off
+    for stage in TRAIN_STAGES:
+        r = runs[stage]
+        assert r["config"]["system"]["world_size"] == 2
+        assert_history_is(r, read_metrics(run_dir / stage))
+        assert r["summary"]["test_acc"] == json.loads((run_dir / stage / "summary.json").read_text())["test_acc"]
+        files = referenced_files(r)  # the references lead back to the very files
+        assert files == {name: (run_dir / stage / name).resolve() for name in ("checkpoint.pt", "summary.json")} | (
+            {name: (run_dir / "teacher-logits" / name).resolve() for name in ("manifest.json", "logits.npy")}
+            if stage == "student-kd" else {})
+    (item,) = [h["item"] for h in runs["report"]["history"]]
+    assert (runs["report"]["path"] / "files" / item["plots/test_acc.path"]).is_file()
+
+    assert not [p for p in run_dir.rglob(".*.tmp*")]  # no half-written file (checkpoint.atomic_output)
+    assert not list(cwd.iterdir()) and wandb_files(tmp_path / "home") == []
+
+
+# One process, the tracker as train.py drives it: the teacher's second record is one W&B
+# cannot serialise (a real failure of run.log), then a student's run is left open and the
+# process ends through distributed.end_process, as a torchrun rank does.
+FAILURE_THEN_OPEN_RUN = textwrap.dedent("""
+    import sys
+    from pathlib import Path
+
+    from kd_ddp import distributed, tracking
+    from kd_ddp.config import load_config
+    from kd_ddp.distributed import DistEnv
+
+    cfg = load_config("smoke", [f"run.dir={sys.argv[1]}"])
+    teacher = tracking.start_stage(cfg, "teacher", DistEnv())
+    teacher.log_epoch({"epoch": 1, "train_loss": 2.0})
+    teacher.log_epoch({"epoch": 2, "train_loss": object()})
+    teacher.log_epoch({"epoch": 3, "train_loss": 1.0})
+    teacher.finish({"test_acc": 0.5})
+    student = tracking.start_stage(cfg, "student-normal", DistEnv())
+    student.log_epoch({"epoch": 1, "train_loss": 1.5})
+    distributed.end_process(0)
+""")
+
+
+def test_runs_finished_after_a_failure_and_at_end_process(tmp_path: Path) -> None:
+    env, cwd = sandbox(tmp_path)
+    run_dir = tmp_path / AWKWARD_NAME
+    proc = subprocess.run([sys.executable, "-c", FAILURE_THEN_OPEN_RUN, str(run_dir)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    assert "W&B teacher log failed (TypeError" in proc.stderr
+    assert "W&B run 'student-normal' was still open at exit; finishing it" in proc.stderr
+
+    runs = read_wandb_runs(run_dir, env)
+    assert set(runs) == {"teacher", "student-normal"}  # the failure did not stop the next stage's run
+    for r in runs.values():
+        assert [e.get("exit_code", 0) for e in r["exits"]] == [0]
+    # The teacher logs nothing after its failure (epoch 3, summary), but its run is finished.
+    assert_history_is(runs["teacher"], [{"epoch": 1, "train_loss": 2.0}])
+    assert "test_acc" not in runs["teacher"]["summary"]
+    assert_history_is(runs["student-normal"], [{"epoch": 1, "train_loss": 1.5}])
+
+
+@pytest.mark.fast
+def test_file_uri_quotes_what_a_url_would_misread(tmp_path: Path) -> None:
+    from wandb.util import local_file_uri_to_path  # how wandb reads a file:// reference back
+
+    path = tmp_path / AWKWARD_NAME / "summary.json"
+    uri = file_uri(path)
+    assert uri == "file://" + str(path.resolve()).replace(" ", "%20").replace("#", "%23").replace(
+        "%41", "%2541").replace("?", "%3F")
+    assert Path(local_file_uri_to_path(uri)) == path.resolve()
+    assert Path(local_file_uri_to_path(f"file://{path}")) == tmp_path / "run "  # unquoted: cut at "#"
+    plain = tmp_path / "run-1_x.y~" / "summary.json"  # a usual name is left as it was
+    assert file_uri(plain) == f"file://{plain.resolve()}"
+
+
+def test_artifact_reference_into_an_awkward_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """wandb makes the reference's manifest entry from that file, and its loader finds that
+    file again by the reference, not a neighbour. (Not fast: wandb's artifact cache starts a
+    subprocess to read the umask.)"""
+    for var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_CONFIG_DIR", "WANDB_ARTIFACT_DIR"):
+        monkeypatch.setenv(var, str(tmp_path / "wandb" / var.lower()))
+    import wandb
+    from wandb.sdk.artifacts.storage_handlers.local_file_handler import LocalFileHandler
+
+    target, decoy = tmp_path / AWKWARD_NAME / "summary.json", tmp_path / "run #1 A?x" / "summary.json"
+    for path, acc in ((target, 0.5), (decoy, 0.1)):  # decoy: where "%41" unquoted twice would lead
+        path.parent.mkdir()
+        path.write_text(json.dumps({"test_acc": acc}))
+    art = wandb.Artifact("checkpoint", type="model")
+    with pytest.raises(ValueError, match="must be a valid file"):
+        art.add_reference(f"file://{target}")  # unquoted: the issue's error
+    (entry,) = art.add_reference(file_uri(target), name="summary.json")
+    assert entry.ref == file_uri(target) and entry.size == target.stat().st_size
+    # wandb's own loader finds the file by the reference and checks its digest against it.
+    assert json.loads(Path(LocalFileHandler().load_path(entry)).read_text()) == {"test_acc": 0.5}
 
 
 def test_wandb_report_spec_offline(tmp_path: Path) -> None:
