@@ -8,6 +8,7 @@ The same command runs in one process or under torchrun (`torchrun --standalone
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import json
 import logging
@@ -54,8 +55,14 @@ def cache_logits(cfg: Config, env: distributed.DistEnv, data: Any, rebuild_inval
         return build_cache(cfg, env, data, teacher, record, amp_dtype(cfg, env.device))
 
 
+class OtherRankFailed(RuntimeError):
+    """Raised on the ranks that passed the start-up checks when another rank failed them, with
+    that rank's message: every rank then exits 2 at once, none waits in the next collective
+    for the process group's timeout (torchrun would kill it; Slurm's tasks have no torchrun)."""
+
+
 USER_ERRORS = (ConfigError, DataError, CacheError, CheckpointError, NoSpaceError, FileNotFoundError, RunDirBusy,
-               LockUnsupported, LockWaitTimeout)
+               LockUnsupported, LockWaitTimeout, OtherRankFailed)
 
 
 def lock_names(stage: str, mode: str) -> list[str]:
@@ -77,6 +84,49 @@ def make_run_dir(run_dir: Path) -> None:
         raise ConfigError(f"cannot create run.dir {run_dir}: {e.strerror}") from None
 
 
+def set_up(cfg: Config, env: distributed.DistEnv, stage: str, mode: str, locks: list[BaseFileLock]) -> None:
+    """The checks and claims before any work. Every rank: the models and the teacher file, before
+    any data is prepared. Rank 0: W&B (a missing API key fails here, not after an epoch), the run
+    dir, its locks (into `locks`, so the caller releases them whatever happens), the config."""
+    preflight(cfg, env, stage, mode)
+    if env.is_main:
+        tracking.preflight(cfg)
+        make_run_dir(cfg.run_dir)
+        for name in lock_names(stage, mode):
+            locks.append(lock_run_dir(cfg.run_dir, name))
+        atomic_write_json(cfg.run_dir / f"config.{stage}.json", cfg.to_dict())
+
+
+def failure_message(error: Exception, rank: int) -> str:
+    if isinstance(error, USER_ERRORS):
+        return str(error)
+    return f"rank {rank} failed: {type(error).__name__}: {error} (its traceback is in that rank's output)"
+
+
+def share_failure(error: Exception | None, env: distributed.DistEnv) -> None:
+    """Tell every rank whether this one failed set_up (one all_gather, the first collective of a
+    stage); a rank that passed it raises the first failure it hears of."""
+    failures = distributed.all_gather_object(None if error is None else failure_message(error, env.rank), env)
+    if error is None:
+        for message in failures:
+            if message is not None:
+                raise OtherRankFailed(message)
+
+
+def set_up_together(cfg: Config, env: distributed.DistEnv, stage: str, mode: str,
+                    locks: list[BaseFileLock]) -> None:
+    """set_up on every rank, ending every rank if it failed on any. Not KeyboardInterrupt: each
+    rank gets its own SIGINT, and a rank held in a collective could not take it."""
+    try:
+        set_up(cfg, env, stage, mode, locks)
+    except Exception as e:
+        # The rank's own error is what it reports, even if the others can no longer be told.
+        with contextlib.suppress(Exception):
+            share_failure(e, env)
+        raise
+    share_failure(None, env)
+
+
 def run_stage(cfg: Config, stage: str, mode: str = "kd", wandb_report: bool = False,
               push_wandb_report: bool = False) -> dict[str, Any]:
     """Run one stage (or the whole pipeline) in this process, which may be one rank of many.
@@ -88,13 +138,7 @@ def run_stage(cfg: Config, stage: str, mode: str = "kd", wandb_report: bool = Fa
     setup_logging(env.rank)
     locks: list[BaseFileLock] = []
     try:
-        preflight(cfg, env, stage, mode)  # the models and the teacher file, before any data is prepared
-        if env.is_main:
-            tracking.preflight(cfg)  # a missing W&B API key fails here, not after an epoch
-            make_run_dir(cfg.run_dir)
-            for name in lock_names(stage, mode):
-                locks.append(lock_run_dir(cfg.run_dir, name))
-            atomic_write_json(cfg.run_dir / f"config.{stage}.json", cfg.to_dict())
+        set_up_together(cfg, env, stage, mode, locks)
         start = time.perf_counter()
         result: dict[str, Any] = {}
         if stage == "report":
