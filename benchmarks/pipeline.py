@@ -6,7 +6,7 @@ torchvision `ImageFolder` over the JPEGs with PIL RandomCrop(32, padding=4) + fl
 run live in every KD step. It uses the same models, epochs, batch size, optimizer, LR
 schedule and losses as the preset, so the accuracies are comparable and the wall-clocks
 differ only by how the work is done. kd-ddp runs `kd-ddp pipeline` in a fresh run dir
-with its data preparation (.npy + .beton, once per data set) counted in its total.
+with its data preparation (.npy, and .beton when FFCV loads: once per data set) counted in its total.
 """
 
 from __future__ import annotations

@@ -1,10 +1,11 @@
 """From a data source to batches: prepared arrays and .beton files, then the two loaders.
 
-`prepare_data` turns the configured source into, under one cache directory per source,
-`{train,test}_{images,labels}.npy` (uint8 NHWC / int64), `{train,test}.beton` (FFCV, with
-each sample's index stored as a field) and `meta.json` (classes, normalization statistics
-computed on the training split, file sizes and a content hash). meta.json is written last,
-so its presence means the rest is complete.
+`prepare_data` turns the configured source into, under one cache directory per source
+(and, for a directory source, per listing of what it holds), `{train,test}_{images,labels}.npy`
+(uint8 NHWC / int64) and `meta.json` (classes, normalization statistics computed on the
+training split, file sizes and a content hash). meta.json is written last, so its presence
+means the rest is complete. FFCV's `{train,test}.beton` (each sample's index stored as a
+field) are written from those arrays when the FFCV loader first needs them (`ensure_beton`).
 
 The loaders (`data.loader`: FFCV reading the .beton, `torch` indexing the arrays in host
 memory, `device` indexing them on the training device; `auto` chooses, see
@@ -238,16 +239,13 @@ def channel_stats(images: np.ndarray, chunk: int = 1024) -> tuple[list[float], l
 def _build(cfg: Config, out: Path, workers: int, listing: Listing | None) -> dict[str, Any]:
     log.info("preparing %s data from %s into %s", cfg.data.source, cfg.data.root or "(generated)", out)
     raw = read_source(cfg, workers)
-    progress = cfg.tracking.progress and sys.stderr.isatty()  # as the training bars: never into a log file
     out.mkdir(parents=True, exist_ok=True)
     files: dict[str, int] = {}
     for name, split in (("train", raw.train), ("test", raw.test)):
         _atomic_npy(out / f"{name}_images.npy", split.images)
         _atomic_npy(out / f"{name}_labels.npy", split.labels)
-        if ffcv_available():
-            _write_beton(out / f"{name}.beton", split, workers, progress)
     for p in sorted(out.iterdir()):
-        if p.suffix in (".npy", ".beton"):
+        if p.suffix == ".npy":
             files[p.name] = p.stat().st_size
     mean, std = channel_stats(raw.train.images)
     meta = {
@@ -277,12 +275,53 @@ def _valid_meta(out: Path) -> dict[str, Any] | None:
         return None
     for name, size in meta["files"].items():
         p = out / name
-        if not p.is_file() or p.stat().st_size != size:
+        if p.suffix == ".npy" and (not p.is_file() or p.stat().st_size != size):
             log.warning("prepared file %s is missing or truncated: rebuilding", p)
             return None
-    if ffcv_available() and "train.beton" not in meta["files"]:
-        return None  # prepared before FFCV was installed
-    return meta
+    return meta  # .beton files are checked when the FFCV loader needs them (ensure_beton)
+
+
+# -- FFCV's files, written when the FFCV loader first needs them ----------------------
+# A run whose loader is `device` or `torch` (a GPU run's default) never imports FFCV nor
+# writes a .beton: preparing the data is the arrays alone.
+
+BETON_RECORD = "ffcv.json"  # {"train.beton": size, ...}: written after each complete .beton
+
+
+def _import_ffcv() -> None:
+    """Import FFCV, keeping torch's thread count (FFCV's import sets it to 1)."""
+    threads = torch.get_num_threads()
+    import ffcv  # noqa: F401
+
+    torch.set_num_threads(threads)
+
+
+def _beton_sizes(data: PreparedData) -> dict[str, int]:
+    """The .beton files known complete: this record, or a preparation's meta from before
+    .beton files were written on demand (it listed them with the arrays)."""
+    try:
+        record = json.loads(data.file(BETON_RECORD).read_text())
+    except (OSError, ValueError):
+        record = {}
+    return {n: v for n, v in data.meta["files"].items() if n.endswith(".beton")} | record
+
+
+def ensure_beton(data: PreparedData, split: str, workers: int, progress: bool) -> Path:
+    """The split's .beton, written from its prepared arrays if missing or truncated. Every
+    rank may call it: the first to take the lock writes the file, the others then find it."""
+    path = data.file(f"{split}.beton")
+    with file_lock(data.file("ffcv.lock")):
+        sizes = _beton_sizes(data)
+        if path.is_file() and path.stat().st_size == sizes.get(path.name):
+            return path
+        if path.name in sizes:
+            log.warning("%s is missing or truncated: writing it again", path)
+        _import_ffcv()
+        arrays = Split(np.load(data.file(f"{split}_images.npy"), mmap_mode="r"),
+                       np.load(data.file(f"{split}_labels.npy")))
+        _write_beton(path, arrays, workers, progress)
+        atomic_write_json(data.file(BETON_RECORD), sizes | {path.name: path.stat().st_size})
+    return path
 
 
 def prepare_data(cfg: Config, env: DistEnv) -> PreparedData:
@@ -437,6 +476,11 @@ def resolve_loader(cfg: Config, data: PreparedData, device: torch.device) -> str
     return "ffcv" if ffcv_available() else "torch"
 
 
+def _bars(cfg: Config, env: DistEnv) -> bool:
+    """FFCV's writer draws a bar: as the training bars, rank 0 only and never into a log file."""
+    return env.is_main and cfg.tracking.progress and sys.stderr.isatty()
+
+
 class _FixedOrder:
     """An FFCV TraversalOrder whose per-epoch order comes from a function of the epoch."""
 
@@ -456,18 +500,19 @@ class FFCVLoader:
     """
 
     def __init__(self, data: PreparedData, split: str, batch_size: int, device: torch.device,
-                 order_fn: Any, drop_last: bool, workers: int) -> None:
+                 order_fn: Any, drop_last: bool, workers: int, progress: bool = False) -> None:
         from ffcv.fields.basics import IntDecoder
         from ffcv.fields.rgb_image import SimpleRGBImageDecoder
         from ffcv.loader import Loader
         from ffcv.loader import loader as ffcv_loader_module
         from ffcv.transforms import ToDevice, ToTensor
 
+        beton = ensure_beton(data, split, workers, progress)
         key = ("kd_ddp", id(self))
         ffcv_loader_module.ORDER_MAP[key] = functools.partial(_FixedOrder, order_fn=order_fn)
         to_device = [ToDevice(device, non_blocking=True)] if device.type == "cuda" else []
         self.loader = Loader(
-            str(data.file(f"{split}.beton")), batch_size=batch_size, num_workers=workers,
+            str(beton), batch_size=batch_size, num_workers=workers,
             order=key, drop_last=drop_last, os_cache=True,
             pipelines={
                 "image": [SimpleRGBImageDecoder(), ToTensor(), *to_device],
@@ -496,7 +541,7 @@ class TrainLoader:
         if self.kind == "ffcv":
             workers = cfg.data.num_workers or env.cpus
             self.impl: Any = FFCVLoader(data, "train", self.batch_per_rank, env.device,
-                                        self._remaining_order, True, workers)
+                                        self._remaining_order, True, workers, _bars(cfg, env))
         else:
             self.impl = TensorLoader(data, "train", self.batch_per_rank, env.device, self.kind == "device")
 
@@ -524,7 +569,8 @@ class EvalLoader:
         self.kind = resolve_loader(cfg, data, env.device)
         if self.kind == "ffcv":
             workers = cfg.data.num_workers or env.cpus
-            self.impl: Any = FFCVLoader(data, split, bs, env.device, lambda e: self.indices, False, workers)
+            self.impl: Any = FFCVLoader(data, split, bs, env.device, lambda e: self.indices, False, workers,
+                                        _bars(cfg, env))
         else:
             self.impl = TensorLoader(data, split, bs, env.device, self.kind == "device")
 

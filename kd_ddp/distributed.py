@@ -90,17 +90,22 @@ def cuda_visibility() -> str:
     return f"{build}; {', '.join(exposed) or 'CUDA_VISIBLE_DEVICES not set'}"
 
 
-def import_ffcv_first() -> None:
-    """Importing FFCV sets torch's threads to 1 (ffcv/pipeline/compiler.py, at import time), and
-    prepare_data imports it whenever it is installed: import it before the threads are chosen,
-    so that they stay chosen. (FFCV's loaders set torch's threads to data.num_workers, which is
-    the same number unless that field is set.)"""
+def import_ffcv_first(cfg: Config, device: torch.device) -> None:
+    """Importing FFCV sets torch's threads to 1 (ffcv/pipeline/compiler.py, at import time):
+    when its loader may be used, import it before the threads are chosen, so that they stay
+    chosen. (FFCV's loaders set torch's threads to data.num_workers, which is the same number
+    unless that field is set.) A run whose loader cannot be FFCV's (`torch`, `device`, and
+    `auto` on a GPU, where the data is held on the device) does not import it at all; should
+    `auto` still pick FFCV there (data too large for the GPU), kd_ddp.data imports it then,
+    keeping the thread count."""
     if available_cores() == 1:
         # FFCV's numba with its default TBB threading layer hangs at interpreter exit in a
         # process bound to one CPU (a Slurm task of cpus_per_task=1, taskset -c 0) once its
         # DatasetWriter has run; numba's own workqueue layer does not. numba reads this when
         # it is imported.
         os.environ.setdefault("NUMBA_THREADING_LAYER", "workqueue")
+    if cfg.data.loader in ("torch", "device") or (cfg.data.loader == "auto" and device.type == "cuda"):
+        return
     # Not installed, or a build that does not load: the loaders say so when they need it.
     with contextlib.suppress(Exception):
         import ffcv  # noqa: F401
@@ -118,7 +123,7 @@ def setup(cfg: Config) -> DistEnv:
     env.device = pick_device(cfg.train.device, env.local_rank)
     # Ranks sharing a node must split its cores, or they thrash each other.
     env.cpus = rank_cpus(env.local_world_size)
-    import_ffcv_first()
+    import_ffcv_first(cfg, env.device)
     torch.set_num_threads(cfg.train.threads or env.cpus)
     # Under torchrun even one process joins a group, so `--nproc_per_node=1` on a one-GPU
     # machine runs the NCCL + DDP path of a multi-GPU job (a plain `kd-ddp` run stays group-free).

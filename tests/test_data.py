@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import pickle
+import subprocess
+import sys
 import tarfile
 from fractions import Fraction
 from pathlib import Path
@@ -26,7 +28,7 @@ from kd_ddp.data import (
 )
 from kd_ddp.distributed import DistEnv
 from kd_ddp.sources import DataError, cifar_batches, imagefolder, read_archive
-from tests.conftest import run_cli, small_tmpfs
+from tests.conftest import REPO, run_cli, small_tmpfs
 
 needs_ffcv = pytest.mark.skipif(not ffcv_available(), reason="FFCV not installed")
 
@@ -153,12 +155,49 @@ def test_prepare_is_done_once_and_stats_come_from_train(tmp_path: Path) -> None:
 def test_truncated_prepared_file_is_rebuilt(tmp_path: Path) -> None:
     cfg = load_config("smoke", [f"data.cache_dir={tmp_path}", "data.synthetic_train=64", "data.synthetic_test=32"])
     data = prepare_data(cfg, DistEnv())
-    victim = data.file("train.beton" if ffcv_available() else "train_images.npy")
+    victim = data.file("train_images.npy")
     size = victim.stat().st_size
     with open(victim, "r+b") as f:
         f.truncate(size // 2)
     again = prepare_data(cfg, DistEnv())
     assert again.file(victim.name).stat().st_size == size
+
+
+@needs_ffcv
+@pytest.mark.fast
+def test_beton_files_are_written_when_the_ffcv_loader_needs_them(tmp_path: Path) -> None:
+    """Preparing writes the arrays only; the FFCV loader writes its .beton from them on first
+    use, finds it on the next, and writes a truncated one again."""
+    cfg = load_config("smoke", [f"data.cache_dir={tmp_path}", "data.synthetic_train=64", "data.synthetic_test=32",
+                                "data.loader=ffcv", "optim.batch_size=16"])
+    data = prepare_data(cfg, DistEnv())
+    assert not list(data.dir.glob("*.beton"))
+    first = [idx.tolist() for _, _, idx in TrainLoader(cfg, data, DistEnv()).epoch(0)]
+    beton = data.file("train.beton")
+    size, stamp = beton.stat().st_size, beton.stat().st_mtime_ns
+    TrainLoader(cfg, data, DistEnv())
+    assert beton.stat().st_mtime_ns == stamp
+    with open(beton, "r+b") as f:
+        f.truncate(size // 2)
+    again = [idx.tolist() for _, _, idx in TrainLoader(cfg, data, DistEnv()).epoch(0)]
+    assert beton.stat().st_size == size and again == first
+
+
+def test_a_device_loader_run_neither_imports_ffcv_nor_writes_beton(tmp_path: Path) -> None:
+    """data.loader=device (a GPU run's `auto`): the teacher trains from a preparation of arrays
+    alone, and FFCV is never imported (its import alone costs a GPU run seconds)."""
+    script = (
+        "import sys\n"
+        "from kd_ddp.cli import main\n"
+        f"code = main(['train-teacher', '--preset', 'smoke', 'data.loader=device', 'data.cache_dir={tmp_path}/c',\n"
+        f"             'run.dir={tmp_path}/run', 'tracking.wandb.mode=disabled'])\n"
+        "print('ffcv imported:', 'ffcv' in sys.modules)\n"
+        "sys.exit(code)\n")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "ffcv imported: False" in proc.stdout
+    assert not list((tmp_path / "c").rglob("*.beton")) and (tmp_path / "run" / "teacher" / "summary.json").is_file()
 
 
 def test_prepare_on_a_full_disk_fails_clearly_and_leaves_no_file(tmp_path: Path) -> None:
