@@ -303,7 +303,14 @@ def finish_open_runs(exit_code: int = 0) -> None:
         log.warning("W&B run %r was still open at exit; finishing it", getattr(run, "name", "?"))
         close_run(run, exit_code or None)
     if "wandb" in sys.modules:  # never import wandb just to tear it down
-        _attempt("teardown", sys.modules["wandb"].teardown, "some W&B data may not be written")
+        _attempt("teardown", _teardown_wandb, "some W&B data may not be written")
+
+
+def _teardown_wandb() -> None:
+    try:
+        sys.modules["wandb"].teardown()
+    except SystemExit as e:  # how wandb.teardown reports a failed service: here, one warning
+        raise RuntimeError(f"the W&B service ended with code {e.code}") from None
 
 
 def finish_run(run: Any, what: str, before: Callable[[], None]) -> bool:
