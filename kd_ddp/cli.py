@@ -21,7 +21,15 @@ from kd_ddp import distributed, tracking
 from kd_ddp.checkpoint import NO_SPACE_HINT, CheckpointError, NoSpaceError, atomic_write_json
 from kd_ddp.config import Config, ConfigError, config_yaml, load_config
 from kd_ddp.data import prepare_data
-from kd_ddp.locks import BaseFileLock, LockUnsupported, LockWaitTimeout, RunDirBusy, lock_run_dir
+from kd_ddp.locks import (
+    BaseFileLock,
+    LockUnsupported,
+    LockWaitTimeout,
+    RunDirBusy,
+    lock_run_dir,
+    soft_locks,
+    wait_bound,
+)
 from kd_ddp.sources import DataError
 from kd_ddp.teacher_logits import CacheError, build_cache, cache_lock, check_cache
 from kd_ddp.train import NonFiniteLoss, Preempted, amp_dtype, load_trained_teacher, preflight, train_stage
@@ -89,6 +97,8 @@ def set_up(cfg: Config, env: distributed.DistEnv, stage: str, mode: str, locks: 
     any data is prepared. Rank 0: W&B (a missing API key fails here, not after an epoch), the run
     dir, its locks (into `locks`, so the caller releases them whatever happens), the config."""
     preflight(cfg, env, stage, mode)
+    soft_locks()  # a bad KD_DDP_LOCKS or KD_DDP_LOCK_WAIT_S is refused on every rank, before any lock
+    wait_bound()
     if env.is_main:
         tracking.preflight(cfg)
         make_run_dir(cfg.run_dir)

@@ -90,3 +90,10 @@ def test_wandb_online_without_api_key(tmp_path: Path) -> None:
     no_key = {"HOME": str(home), "WANDB_API_KEY": "", "WANDB_IDENTITY_TOKEN_FILE": "", "NETRC": str(home / ".netrc")}
     done = run_ranks(smoke(tmp_path / "run", tmp_path / "cache", "tracking.wandb.mode=online"), no_key)
     assert_every_rank_exits_2_with(done, "tracking.wandb.mode=online but no W&B API key was found")
+
+
+def test_bad_lock_setting_fails_on_every_rank_alike(tmp_path: Path) -> None:
+    """A failure every rank sees: each reports its own, none waits for the others."""
+    done = run_ranks(smoke(tmp_path / "run", tmp_path / "cache"), {"KD_DDP_LOCK_WAIT_S": "forever"})
+    assert_every_rank_exits_2_with(done, "KD_DDP_LOCK_WAIT_S='forever': give the seconds to wait")
+    assert not (tmp_path / "run").exists()
