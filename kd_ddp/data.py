@@ -38,7 +38,7 @@ from kd_ddp.augment import to_device
 from kd_ddp.checkpoint import NoSpaceError, atomic_output, atomic_write_json
 from kd_ddp.config import Config, ConfigError, fingerprint
 from kd_ddp.distributed import DistEnv, available_cores, broadcast_object
-from kd_ddp.locks import file_lock
+from kd_ddp.locks import LockWaitTimeout, file_lock
 from kd_ddp.sources import DataError, RawDataset, Split, read_source
 
 log = logging.getLogger(__name__)
@@ -340,7 +340,7 @@ def prepare_data(cfg: Config, env: DistEnv) -> PreparedData:
             raise
     where, kind, message = broadcast_object((where, kind, message), env)  # type: ignore[misc]
     if kind:
-        known = {"ConfigError": ConfigError, "NoSpaceError": NoSpaceError, "DataError": DataError}
+        known = {e.__name__: e for e in (ConfigError, NoSpaceError, DataError, LockWaitTimeout)}
         raise known.get(kind, DataError)(message if kind in known else f"rank 0 failed preparing the data: "
                                                                          f"{kind}: {message}")
     out = Path(where)
