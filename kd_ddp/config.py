@@ -74,7 +74,8 @@ class ModelConfig:
     # torchvision models: 3x3 stride-1 first conv and no max-pool after it (true | false | auto:
     # on when data.image_size <= 64)
     cifar_stem: str = "auto"
-    # Directories put first on sys.path, in every rank and Slurm job, before a <module.path> model is imported
+    # Directories that hold a <module.path> model, in every rank and Slurm job: its top-level module is looked
+    # up there first; they are added at the end of sys.path, never shadowing a package kd-ddp imports
     python_path: list[str] = field(default_factory=list)
     # A teacher trained elsewhere (a state_dict file or a kd-ddp checkpoint): train-teacher evaluates
     # it instead of training one

@@ -7,10 +7,11 @@
   random initial weights, never a download. With the CIFAR stem (`model.cifar_stem`, on by
   default for images of at most 64 px) the first conv becomes 3x3 with stride 1 and a
   max-pool right after it is removed, the usual adaptation of ImageNet CNNs to 32x32 inputs.
-- `<module.path>:<callable>`: the user's own code. The module is imported after the
-  directories of `model.python_path` are put first on `sys.path` (in every process that
-  builds a model: each torchrun rank, each Slurm task); the callable is called as
-  `callable(num_classes=K, **model.<role>_kwargs)` and must return an `nn.Module`.
+- `<module.path>:<callable>`: the user's own code. Its top-level module is looked up first
+  in the directories of `model.python_path`, which are added at the end of `sys.path` for
+  its own imports (in every process that builds a model: each torchrun rank, each Slurm
+  task), so that a file there never stands in for a package kd-ddp imports; the callable
+  is called as `callable(num_classes=K, **model.<role>_kwargs)` and must return an `nn.Module`.
 
 Every model `build_model` returns has been checked: on a batch of two images of the data's
 size it gives a `[2, num_classes]` tensor, in training and in evaluation mode (the check
@@ -25,11 +26,14 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.machinery
+import importlib.util
 import json
 import sys
 import traceback
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -242,23 +246,58 @@ def _replace(model: nn.Module, dotted: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, new)
 
 
-def add_python_path(dirs: list[str]) -> None:
-    """Put `model.python_path`'s directories first on sys.path (once each), as absolute paths."""
-    for d in reversed(dirs):
+def add_python_path(dirs: list[str]) -> list[str]:
+    """`model.python_path`'s directories as absolute paths, appended to sys.path (once each)
+    so that the user's module can import its own files. Appended, not put first: a `wandb.py`
+    or `yaml.py` in such a directory must not replace the package of that name that kd-ddp
+    imports later (or that the user's module imports); the user's own top-level module is
+    looked up in them first (`_import_user_module`)."""
+    entries = []
+    for d in dirs:
         path = Path(d).expanduser()
         if not path.is_dir():
             raise ConfigError(f"model.python_path: {d} is not a directory")
-        entry = str(path.resolve())
-        if entry not in sys.path:
-            sys.path.insert(0, entry)
+        entries.append(str(path.resolve()))
+        if entries[-1] not in sys.path:
+            sys.path.append(entries[-1])
+    return entries
+
+
+def _import_user_module(module_name: str, dirs: list[str]) -> ModuleType:
+    """`module_name` with its top-level module or package taken from the first of `dirs` that
+    holds it (before any installed one of that name), else as Python finds it. A top-level
+    module of the user's that has the name of an installed one is used here and then dropped
+    from sys.modules, so that kd-ddp's own import of that name still gets the installed one."""
+    top = module_name.partition(".")[0]
+    spec = None if top in sys.modules else importlib.machinery.PathFinder.find_spec(top, dirs)
+    if spec is None or spec.loader is None:
+        return importlib.import_module(module_name)
+    sys.modules[top] = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(sys.modules[top])
+        module = importlib.import_module(module_name)
+    except BaseException:
+        _forget(top)
+        raise
+    others = [p for p in sys.path if p not in dirs]
+    if importlib.machinery.PathFinder.find_spec(top, others) is not None:
+        _forget(top)
+    return module
+
+
+def _forget(top: str) -> None:
+    """Drop module `top` and its submodules from sys.modules."""
+    for name in [n for n in sys.modules if n == top or n.startswith(top + ".")]:
+        del sys.modules[name]
 
 
 def import_callable(name: str, python_path: list[str]) -> Callable[..., Any]:
-    """`package.module:factory` -> the factory, imported as Python imports it."""
-    add_python_path(python_path)
+    """`package.module:factory` -> the factory, imported as Python imports it, except that
+    `model.python_path` is searched first for its top-level name only."""
+    dirs = add_python_path(python_path)
     module_name, _, attr = name.partition(":")
     try:
-        module = importlib.import_module(module_name)
+        module = _import_user_module(module_name, dirs)
     except ModuleNotFoundError as e:
         if e.name and (module_name == e.name or module_name.startswith(e.name + ".")):
             raise ConfigError(f"{name}: no module named {e.name!r} on the Python path; put the directory that "

@@ -4,8 +4,10 @@ that are pickles never run code when read, and a malformed one is a message nami
 from __future__ import annotations
 
 import builtins
+import json
 import os
 import pickle
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,7 @@ from submitit.core.utils import cloudpickle_dump
 from kd_ddp.augment import sample_hash
 from kd_ddp.config import Config, ConfigError, _leaf_fields, load_config
 from kd_ddp.data import epoch_order
+from kd_ddp.models import build_model
 from kd_ddp.sources import DataError, cifar_batches
 from kd_ddp.train import rank_seed
 from launch.slurm import end_once_saved, job_error, read_outcome
@@ -257,3 +260,74 @@ def test_cli_refuses_senseless_values_before_any_work(tmp_path: Path) -> None:
         for item in bad:
             assert f"{item.partition('=')[0]}=" in proc.stderr
         assert not run_dir.exists() and not cache.exists()
+
+
+# -- model.python_path never shadows what kd-ddp imports ---------------------------------
+
+SHADOW = '''from pathlib import Path
+Path(__file__).with_suffix(".imported").touch()
+raise RuntimeError("the user's {name}.py was imported in place of the installed package")
+'''
+USER_MODEL = '''import json
+from pathlib import Path
+
+import tqdm  # the user's module gets the installed packages too
+from torch import nn
+
+from trust_layers import head  # its own file, beside it
+
+Path(__file__).with_name("seen.json").write_text(json.dumps({"tqdm": tqdm.__file__}))
+
+
+def build(num_classes):
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), head(4, num_classes))
+'''
+
+
+def write_user_dir(d: Path, shadows: tuple[str, ...]) -> Path:
+    d.mkdir(parents=True)
+    (d / "trust_model.py").write_text(USER_MODEL)
+    (d / "trust_layers.py").write_text("from torch import nn\n\n\ndef head(cin, k):\n    return nn.Linear(cin, k)\n")
+    for name in shadows:
+        (d / f"{name}.py").write_text(SHADOW.format(name=name))
+    return d
+
+
+@pytest.mark.fast
+def test_python_path_is_searched_first_for_the_users_module_only(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    user = write_user_dir(tmp_path / "user", ())
+    elsewhere = tmp_path / "elsewhere"  # an earlier sys.path entry holding a module of the same name
+    elsewhere.mkdir()
+    (elsewhere / "trust_model.py").write_text("raise RuntimeError('not the python_path one')\n")
+    monkeypatch.syspath_prepend(str(elsewhere))  # sys.path is restored after the test
+    try:
+        cfg = load_config("smoke", ["model.student=trust_model:build", f"model.python_path={user}"])
+        model = build_model(cfg, "student", 10)  # the other trust_model.py raises on import
+        # ... and stays what `import trust_model` gives the rest of the process
+        assert "trust_model" not in sys.modules and sys.modules["trust_layers"].__file__.startswith(str(user))
+    finally:
+        for name in ("trust_model", "trust_layers"):
+            sys.modules.pop(name, None)
+    assert isinstance(model[-1], torch.nn.Linear) and model[-1].out_features == 10
+    entry = str(user.resolve())
+    assert sys.path[-1] == entry and sys.path.index(str(elsewhere)) < sys.path.index(entry)
+
+
+def test_python_path_files_do_not_replace_the_packages_kd_ddp_imports(tmp_path: Path) -> None:
+    """A python_path directory holding the user's model beside wandb.py, tqdm.py and yaml.py
+    (each records that it was imported and raises): a training stage with W&B tracking on
+    runs, and neither kd-ddp nor the user's module imports those files."""
+    shadows = ("wandb", "tqdm", "yaml", "filelock")
+    user = write_user_dir(tmp_path / "user", shadows)
+    run_dir = tmp_path / "run"
+    proc = run_cli(["train-student", "--mode", "normal", "--preset", "smoke", "optim.epochs=1",
+                    f"run.dir={run_dir}", f"data.cache_dir={tmp_path / 'cache'}", "tracking.wandb.mode=offline",
+                    "model.student=trust_model:build", f"model.python_path={user}"],
+                   env={"WANDB_DIR": str(tmp_path / "wandb"), "WANDB_CACHE_DIR": str(tmp_path / "wandb-cache"),
+                        "WANDB_CONFIG_DIR": str(tmp_path / "wandb-config")}, check=False)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert not [name for name in shadows if (user / f"{name}.imported").exists()]
+    assert "site-packages" in json.loads((user / "seen.json").read_text())["tqdm"]
+    assert (run_dir / "student-normal" / "summary.json").is_file()
+    assert list(run_dir.rglob("offline-run-*")), "W&B (the installed package) logged no offline run"
