@@ -1,5 +1,8 @@
-"""Inputs kd-ddp must not trust (issue 21, "Trust, round 2"): data files and result files
-that are pickles never run code when read, and a malformed one is a message naming it."""
+"""Inputs kd-ddp must not trust (issue 21, "Trust, round 2"): data files and Slurm result
+files that are pickles never run code when read, and a malformed one is a message naming it;
+config values of the right type that make no sense (nan, inf, a seed torch refuses, a line
+break in a Slurm field) stop the run before any work; and the user's model directories
+(model.python_path) never replace the packages kd-ddp imports."""
 
 from __future__ import annotations
 
@@ -315,9 +318,10 @@ def test_python_path_is_searched_first_for_the_users_module_only(tmp_path: Path,
 
 
 def test_python_path_files_do_not_replace_the_packages_kd_ddp_imports(tmp_path: Path) -> None:
-    """A python_path directory holding the user's model beside wandb.py, tqdm.py and yaml.py
-    (each records that it was imported and raises): a training stage with W&B tracking on
-    runs, and neither kd-ddp nor the user's module imports those files."""
+    """A python_path directory holding the user's model beside wandb.py, tqdm.py, yaml.py and
+    filelock.py (each records that it was imported and raises): a training stage with W&B
+    tracking on runs, and neither kd-ddp nor the user's module imports those files. Before
+    the fix, wandb.py was imported and tracking went off ("wandb does not import")."""
     shadows = ("wandb", "tqdm", "yaml", "filelock")
     user = write_user_dir(tmp_path / "user", shadows)
     run_dir = tmp_path / "run"
