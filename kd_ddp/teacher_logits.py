@@ -8,20 +8,29 @@ method; it only removes the teacher's forward pass from every KD step.
 Size on disk: views x train_samples x classes x bytes(kd.cache_dtype), e.g.
 8 x 50,000 x 10 x 2 B = 8 MB for CIFAR-10 in float16.
 
-A manifest beside the array records a content key (teacher weights hash, training data
-hash, augmentation policy, views, seed, dtype) and a checksum; `open_cache` refuses a
-cache whose key differs from what the student is about to train with, or whose file is
-truncated or corrupted.
+A manifest beside the array records a content key (the teacher: weights hash, architecture
+record and the precision its forward ran in; training data hash, augmentation policy, views,
+seed, dtype) and a checksum; `check_cache` and `LogitsCache` refuse a cache whose key
+differs from what the student is about to train with, or whose file is truncated or
+corrupted. `LogitsCache` checksums the very bytes it then uses, read once.
+
+One lock (`cache_lock`) covers building the cache and reading it: `cache-logits` holds it
+while it checks and builds, a KD student while it loads, so neither sees the other's
+half-done work.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import logging
 import os
 import socket
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +43,7 @@ from kd_ddp.checkpoint import NoSpaceError, atomic_write_json, reserve_space
 from kd_ddp.config import Config, describe_differences
 from kd_ddp.data import EvalLoader, PreparedData, eval_indices
 from kd_ddp.distributed import DistEnv, all_gather_object, barrier, broadcast_object
+from kd_ddp.locks import file_lock
 
 log = logging.getLogger(__name__)
 
@@ -46,13 +56,56 @@ class CacheError(RuntimeError):
     """A logits cache that must not be used: printed as a message, never as a traceback."""
 
 
+@dataclass(frozen=True)
+class TeacherRecord:
+    """What fixes a teacher's logits. Its weights alone do not: two architectures with the
+    same parameters (torchvision's stem or the CIFAR one, other keyword arguments) load the
+    same weights and compute other logits, and so does another autocast precision."""
+
+    weights: str  # checkpoint.weights_hash of its state_dict
+    model: Any  # its architecture record (models.architecture), as its checkpoint records it
+    precision: str  # the autocast dtype its forward runs in (train.precision_name)
+    # Whether a key recorded before model and precision were part of it (the weights alone)
+    # stands for this record: only when the teacher's checkpoint records this very model and
+    # precision, i.e. the run dir was used in one setting throughout (see train.load_trained_teacher)
+    legacy_ok: bool = False
+
+    def key(self) -> dict[str, Any]:
+        return {"teacher_weights": self.weights, "teacher_model": self.model, "teacher_precision": self.precision}
+
+
+# the fields of TeacherRecord.key that keys recorded before 2026-12 lack
+RECORD_FIELDS = ("teacher_model", "teacher_precision")
+
+
+def without_record_fields(key: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in key.items() if k not in RECORD_FIELDS}
+
+
 def cache_dir(cfg: Config) -> Path:
     return cfg.run_dir / "teacher-logits"
 
 
-def cache_key(cfg: Config, data: PreparedData, teacher_hash: str) -> dict[str, Any]:
-    return {
-        "teacher_weights": teacher_hash,
+def cache_lock_path(cfg: Config) -> Path:
+    """Beside the cache's real directory: a sweep point's run dir links to a shared cache, and
+    its students must take the lock the cache's builder takes, not one of their own run dir."""
+    real = cache_dir(cfg).resolve()
+    return real.parent / f".kd-ddp.{real.name}.lock"
+
+
+@contextlib.contextmanager
+def cache_lock(cfg: Config, env: DistEnv) -> Iterator[None]:
+    """Hold the cache's lock while this job's ranks check, build or load the cache. Rank 0
+    takes it (waiting its turn, see locks.file_lock); the other ranks touch the files only
+    once it holds it, and it lets go only once they are done."""
+    with file_lock(cache_lock_path(cfg)) if env.is_main else contextlib.nullcontext():
+        barrier(env)
+        yield
+        barrier(env)
+
+
+def cache_key(cfg: Config, data: PreparedData, teacher: TeacherRecord) -> dict[str, Any]:
+    return teacher.key() | {
         "train_data": data.content_hash,
         "augmentation": {"policy": AUGMENTATION_POLICY, "crop_padding": cfg.data.crop_padding,
                          "flip": cfg.data.flip},
@@ -70,36 +123,84 @@ def _file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def check_cache(cfg: Config, data: PreparedData, teacher_hash: str) -> dict[str, Any]:
-    """The manifest of a cache usable for this run, else CacheError saying what is wrong."""
-    d = cache_dir(cfg)
-    rebuild = "rebuild it with `kd-ddp cache-logits` (`kd-ddp pipeline` does so automatically)"
+REBUILD = "rebuild it with `kd-ddp cache-logits` (`kd-ddp pipeline` does so automatically)"
+
+
+def _read_manifest(d: Path) -> dict[str, Any]:
+    path = d / "manifest.json"
     try:
-        manifest = json.loads((d / "manifest.json").read_text())
+        manifest = json.loads(path.read_text())
     except FileNotFoundError:
-        raise CacheError(f"no teacher-logits cache in {d}: {rebuild}") from None
+        raise CacheError(f"no teacher-logits cache in {d}: {REBUILD}") from None
     except ValueError as e:
-        raise CacheError(f"the cache manifest {d / 'manifest.json'} is corrupted ({e}): {rebuild}") from None
-    diffs = describe_differences(cache_key(cfg, data, teacher_hash), manifest.get("key", {}), have_name="cache has")
-    if diffs:
-        raise CacheError(f"the teacher-logits cache in {d} was built for another setting:\n  "
-                         + "\n  ".join(diffs) + f"\n{rebuild}")
-    path = d / "logits.npy"
-    if not path.is_file() or path.stat().st_size != manifest["size_bytes"]:
-        size = path.stat().st_size if path.is_file() else 0
-        raise CacheError(f"the cache file {path} is truncated or missing ({size} of "
-                         f"{manifest['size_bytes']} bytes): {rebuild}")
-    if _file_sha256(path) != manifest["sha256"]:
-        raise CacheError(f"the cache file {path} is corrupted (checksum mismatch): {rebuild}")
+        raise CacheError(f"the cache manifest {path} is corrupted ({e}): {REBUILD}") from None
+    if not isinstance(manifest, dict) or not all(k in manifest for k in ("key", "size_bytes", "sha256")):
+        raise CacheError(f"the cache manifest {path} is corrupted (it lacks key, size_bytes or sha256): {REBUILD}")
     return manifest
 
 
-class LogitsCache:
-    """The cached logits in memory (they are small); `lookup(view, idx)` gives a batch's."""
+def _check_key(cfg: Config, data: PreparedData, teacher: TeacherRecord, manifest: dict[str, Any], d: Path) -> None:
+    """CacheError naming what differs when the cache was built for another setting. A key
+    recorded before the teacher's model and precision were (it lacks both) is compared
+    without them when the teacher record allows it (TeacherRecord.legacy_ok)."""
+    want, have = cache_key(cfg, data, teacher), manifest.get("key") or {}
+    legacy = not any(k in have for k in RECORD_FIELDS)
+    if legacy and teacher.legacy_ok:
+        want = without_record_fields(want)
+    diffs = describe_differences(want, have, have_name="cache has")
+    if diffs:
+        note = ["(a cache that records no teacher model and precision was built before they were recorded; it is "
+                "kept only when the teacher checkpoint records this config's model and precision)"] if legacy else []
+        raise CacheError(f"the teacher-logits cache in {d} was built for another setting:\n  "
+                         + "\n  ".join(diffs + note) + f"\n{REBUILD}")
 
-    def __init__(self, cfg: Config, data: PreparedData, teacher_hash: str, device: torch.device) -> None:
-        self.manifest = check_cache(cfg, data, teacher_hash)
-        array = np.load(cache_dir(cfg) / "logits.npy")
+
+def _check_size(path: Path, size: int, manifest: dict[str, Any]) -> None:
+    if size != manifest["size_bytes"]:
+        raise CacheError(f"the cache file {path} is truncated or missing ({size} of "
+                         f"{manifest['size_bytes']} bytes): {REBUILD}")
+
+
+def _corrupted(path: Path) -> CacheError:
+    return CacheError(f"the cache file {path} is corrupted (checksum mismatch): {REBUILD}")
+
+
+def check_cache(cfg: Config, data: PreparedData, teacher: TeacherRecord) -> dict[str, Any]:
+    """The manifest of a cache usable for this run, else CacheError saying what is wrong
+    (the file is checksummed as it lies on disk; a reader uses LogitsCache, which checksums
+    what it reads)."""
+    d = cache_dir(cfg)
+    manifest = _read_manifest(d)
+    _check_key(cfg, data, teacher, manifest, d)
+    path = d / "logits.npy"
+    _check_size(path, path.stat().st_size if path.is_file() else 0, manifest)
+    if _file_sha256(path) != manifest["sha256"]:
+        raise _corrupted(path)
+    return manifest
+
+
+def _read_verified(path: Path, manifest: dict[str, Any]) -> bytes:
+    """The cache file's bytes, read once, and checked against the manifest's size and sha256:
+    the bytes then used are the ones checked, not a second read of the file."""
+    try:
+        blob = path.read_bytes()
+    except FileNotFoundError:
+        blob = b""
+    _check_size(path, len(blob), manifest)
+    if hashlib.sha256(blob).hexdigest() != manifest["sha256"]:
+        raise _corrupted(path)
+    return blob
+
+
+class LogitsCache:
+    """The cached logits in memory (they are small); `lookup(view, idx)` gives a batch's.
+    Hold `cache_lock` while constructing one (train.teacher_logits_source does)."""
+
+    def __init__(self, cfg: Config, data: PreparedData, teacher: TeacherRecord, device: torch.device) -> None:
+        d = cache_dir(cfg)
+        self.manifest = _read_manifest(d)
+        _check_key(cfg, data, teacher, self.manifest, d)
+        array = np.load(io.BytesIO(_read_verified(d / "logits.npy", self.manifest)))
         table = torch.from_numpy(array)
         if cfg.kd.cache_dtype == "bfloat16":
             table = table.view(torch.bfloat16)
@@ -136,7 +237,7 @@ def _open_rows(path: Path, dtype: str, shape: tuple[int, ...]) -> np.memmap:
     return np.load(path, mmap_mode="r+")
 
 
-def build_cache(cfg: Config, env: DistEnv, data: PreparedData, teacher: nn.Module, teacher_hash: str,
+def build_cache(cfg: Config, env: DistEnv, data: PreparedData, teacher: nn.Module, record: TeacherRecord,
                 amp_dtype: torch.dtype | None) -> dict[str, Any]:
     """Every rank computes its shard (a contiguous range of samples) of every view; rank 0
     joins them into the cache file, checksums it and renames it into place, so a reader sees
@@ -196,7 +297,7 @@ def build_cache(cfg: Config, env: DistEnv, data: PreparedData, teacher: nn.Modul
         path = d / "logits.npy"
         os.replace(tmp, path)
         manifest = {
-            "key": cache_key(cfg, data, teacher_hash),
+            "key": cache_key(cfg, data, record),
             "shape": [views, n, classes],
             "size_bytes": path.stat().st_size,
             "sha256": _file_sha256(path),  # of the file as it lies on disk, read back

@@ -56,7 +56,7 @@ from kd_ddp.data import EvalLoader, PreparedData, TrainLoader, prepared_dir, res
 from kd_ddp.distributed import DistEnv, all_gather_object, all_reduce_sum, all_reduce_tensor, barrier
 from kd_ddp.models import architecture, build_model, check_models, describe, model_facts, model_name
 from kd_ddp.process_memory import rss_mb
-from kd_ddp.teacher_logits import LogitsCache
+from kd_ddp.teacher_logits import RECORD_FIELDS, LogitsCache, TeacherRecord, cache_lock
 from kd_ddp.tracking import StageTracker, machine, start_stage
 
 log = logging.getLogger(__name__)
@@ -170,7 +170,8 @@ def preflight(cfg: Config, env: DistEnv, stage: str, mode: str = "kd") -> None:
     roles = stage_roles(stage, mode)
     check_models(cfg, roles, provisional_classes(cfg))
     if cfg.model.teacher_checkpoint and stage in ("train-teacher", "pipeline"):
-        read_teacher_weights(Path(cfg.model.teacher_checkpoint))
+        source = Path(cfg.model.teacher_checkpoint)
+        refuse_another_architecture(cfg, read_teacher_file(source)[1], source)
     if roles:
         use_sync_bn(cfg, env)
 
@@ -211,7 +212,7 @@ PER_ROLE_OPTIM = ("teacher_epochs", "student_epochs", "student_lr", "student_war
 
 
 def stage_fingerprint(cfg: Config, stage: str, data: PreparedData, precision: str,
-                      teacher_hash: str = "") -> dict[str, Any]:
+                      teacher: TeacherRecord | None = None) -> dict[str, Any]:
     """Everything that changes a stage's result; a checkpoint or summary made under another
     is refused (checkpoint) or not reused (summary)."""
     role = "teacher" if stage == "teacher" else "student"
@@ -232,8 +233,10 @@ def stage_fingerprint(cfg: Config, stage: str, data: PreparedData, precision: st
     if stage == "student-normal":
         fp["mse_input"] = cfg.kd.mse_input
     if stage == "student-kd":
-        fp["kd"] = {"alpha": cfg.kd.alpha, "temperature": cfg.kd.temperature, "teacher": cfg.kd.teacher,
-                    "teacher_weights": teacher_hash}
+        # the teacher's whole record (weights, architecture, the precision of its logits), not
+        # its weights alone: another architecture of the same parameters gives other logits
+        record = teacher.key() if teacher else {"teacher_weights": ""}
+        fp["kd"] = {"alpha": cfg.kd.alpha, "temperature": cfg.kd.temperature, "teacher": cfg.kd.teacher} | record
         if cfg.kd.teacher == "cached":  # a live teacher reads no cache: its views and dtype do not matter
             fp["kd"] |= {"views": cfg.kd.views, "cache_dtype": cfg.kd.cache_dtype}
     return fp
@@ -245,15 +248,34 @@ def stage_fingerprint(cfg: Config, stage: str, data: PreparedData, precision: st
 Objective = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
 
 
-def load_trained_teacher(cfg: Config, data: PreparedData, env: DistEnv) -> tuple[nn.Module, str]:
+def load_trained_teacher(cfg: Config, data: PreparedData, env: DistEnv) -> tuple[nn.Module, TeacherRecord]:
+    """The run dir's teacher, and its record: weights hash, architecture, and the precision
+    this run computes its logits in. A checkpoint that records another architecture than this
+    config's teacher is refused, even when its weights fit (same parameters, other stem)."""
     path = cfg.run_dir / "teacher" / "checkpoint.pt"
     if not (cfg.run_dir / "teacher" / "summary.json").is_file():
         raise CheckpointError(f"no trained teacher in {path.parent}: run `kd-ddp train-teacher` first")
     state = load_checkpoint(path)
+    held = state.get("fingerprint_fields", {})
     teacher = make_model(cfg, "teacher", data.num_classes, env)
-    load_weights_into(teacher, state["model"], path, cfg, held=state.get("fingerprint_fields", {}).get("model"))
+    load_weights_into(teacher, state["model"], path, cfg, held=held.get("model"))
+    refuse_another_architecture(cfg, held.get("model"), path)
     teacher.eval()
-    return teacher, weights_hash(teacher.state_dict())
+    precision = precision_name(amp_dtype(cfg, env.device))
+    model = architecture(cfg, "teacher")
+    record = TeacherRecord(weights_hash(teacher.state_dict()), model, precision,
+                           legacy_ok=held.get("model") == model and held.get("precision") == precision)
+    return teacher, record
+
+
+def refuse_another_architecture(cfg: Config, held: Any, path: Path) -> None:
+    """CheckpointError when a teacher file records another architecture than this config's
+    teacher (None: it records none). Its weights may still load (torchvision's stem or the
+    CIFAR one have the same parameters), but the model would not be the one trained."""
+    want = architecture(cfg, "teacher")
+    if held is not None and held != want:
+        raise CheckpointError(f"{path} holds a teacher made as {held!r}, this config's teacher is {want!r}: "
+                              "use the teacher's model settings, or another run.dir")
 
 
 def load_weights_into(model: nn.Module, state: dict[str, torch.Tensor], path: Path, cfg: Config,
@@ -272,6 +294,12 @@ def load_weights_into(model: nn.Module, state: dict[str, torch.Tensor], path: Pa
 def read_teacher_weights(path: Path) -> dict[str, torch.Tensor]:
     """The weights in `model.teacher_checkpoint`: a plain state_dict file, or a kd-ddp
     checkpoint (its "model"). Keys saved from a DDP-wrapped model ("module." prefix) are taken too."""
+    return read_teacher_file(path)[0]
+
+
+def read_teacher_file(path: Path) -> tuple[dict[str, torch.Tensor], Any]:
+    """`read_teacher_weights`, and the architecture the file records (a kd-ddp checkpoint's
+    fingerprint_fields["model"]; None for a plain state_dict, which records none)."""
     where = f"model.teacher_checkpoint {path}"
     if not path.is_file():
         raise CheckpointError(f"{where} does not exist")
@@ -282,34 +310,39 @@ def read_teacher_weights(path: Path) -> dict[str, torch.Tensor]:
     except Exception as e:
         raise CheckpointError(f"{where} is not a file torch.load reads ({type(e).__name__}: "
                               f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    held = None
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        fields = state.get("fingerprint_fields")
+        held = fields.get("model") if isinstance(fields, dict) else None
         state = state["model"]
     if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{where} holds no state_dict: expected a dict of tensors, as "
                               "torch.save(model.state_dict(), path) writes, or a kd-ddp checkpoint")
     if all(k.startswith("module.") for k in state):
         state = {k.removeprefix("module."): v for k, v in state.items()}
-    return state
+    return state, held
 
 
 TeacherLogits = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]  # (x, indices, view) -> logits
 
 
 def teacher_logits_source(cfg: Config, data: PreparedData, env: DistEnv,
-                          dtype: torch.dtype | None) -> tuple[TeacherLogits, str]:
+                          dtype: torch.dtype | None) -> tuple[TeacherLogits, TeacherRecord]:
     """The KD student's teacher logits for a batch (from the cache, or a live forward on the
-    student's own input `x`: the same pixels), and the teacher's weights hash."""
-    teacher, teacher_hash = load_trained_teacher(cfg, data, env)
+    student's own input `x`: the same pixels), and the teacher's record. The live teacher runs
+    in the student's precision `dtype`, the one its record names (amp_dtype of this run)."""
+    teacher, record = load_trained_teacher(cfg, data, env)
     if cfg.kd.teacher == "cached":
-        cache = LogitsCache(cfg, data, teacher_hash, env.device)
-        return (lambda x, idx, view: cache.lookup(view, idx)), teacher_hash
+        with cache_lock(cfg, env):  # the lock cache-logits builds under: never a cache half rebuilt
+            cache = LogitsCache(cfg, data, record, env.device)
+        return (lambda x, idx, view: cache.lookup(view, idx)), record
 
     @torch.no_grad()
     def live(x: torch.Tensor, idx: torch.Tensor, view: int) -> torch.Tensor:
         with torch.autocast(env.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             return teacher(x).float()
 
-    return live, teacher_hash
+    return live, record
 
 
 def make_objective(cfg: Config, stage: str, teacher: TeacherLogits | None) -> Objective:
@@ -418,7 +451,8 @@ class Trainer:
     """
 
     def __init__(self, cfg: Config, env: DistEnv, data: PreparedData, stage: str,
-                 teacher: TeacherLogits | None = None, fp: dict[str, Any] | None = None) -> None:
+                 teacher: TeacherLogits | None = None, fp: dict[str, Any] | None = None,
+                 accepted: set[str] | None = None) -> None:
         assert stage in STAGES, stage
         self.cfg, self.env, self.data, self.stage = cfg, env, data, stage
         role = "teacher" if stage == "teacher" else "student"
@@ -427,6 +461,8 @@ class Trainer:
         self.dtype = amp_dtype(cfg, env.device)
         self.fp = fp or stage_fingerprint(cfg, stage, data, precision_name(self.dtype))
         self.fp_hash = fingerprint(self.fp)
+        # the fingerprints a checkpoint to resume may hold (see accepted_fingerprints)
+        self.accepted = accepted or accepted_fingerprints(self.fp, cfg.optim.student_lr)
         self.epochs = cfg.epochs_for(role)
         self.objective = make_objective(cfg, stage, teacher)
         if env.device.type == "cuda":
@@ -463,7 +499,7 @@ class Trainer:
         """Continue from the stage's checkpoint, if any (refused when made under another config)."""
         if self.ckpt_path.is_file():
             state = load_checkpoint(self.ckpt_path)
-            refuse_another_config(state, self.fp, self.ckpt_path, self.cfg.optim.student_lr)
+            refuse_another_config(state, self.fp, self.ckpt_path, self.accepted)
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
@@ -697,21 +733,30 @@ class Trainer:
         self.stop.close()
 
 
-def accepted_fingerprints(fp: dict[str, Any], student_lr: float = 0.0) -> set[str]:
-    """The hash of `fp`, and the one the same stage was recorded under before a stage's
-    optim part held only its own role's fields (2026-11-29, when optim.student_warmup_epochs
-    came): it then also held optim.student_lr, 0 unless set. Run dirs made before stay valid:
-    a finished stage is kept, a checkpoint resumed (and saved again under the new hash)."""
-    hashes = {fingerprint(fp)}
-    if "optim" in fp:
-        hashes.add(fingerprint(fp | {"optim": fp["optim"] | {"student_lr": student_lr}}))
+def accepted_fingerprints(fp: dict[str, Any], student_lr: float = 0.0, teacher_legacy_ok: bool = False) -> set[str]:
+    """The hash of `fp`, and the ones the same stage was recorded under before. Run dirs made
+    before stay valid: a finished stage is kept, a checkpoint resumed (and saved again under
+    the new hash).
+    - Before a stage's optim part held only its own role's fields (2026-11-29, when
+      optim.student_warmup_epochs came), it also held optim.student_lr, 0 unless set.
+    - Before the KD student's teacher was identified by its whole record (2026-12), its kd
+      part held the teacher's weights hash alone: accepted only when `teacher_legacy_ok`
+      (TeacherRecord.legacy_ok: the teacher checkpoint records this model and precision)."""
+    forms = [fp]
+    if teacher_legacy_ok and "kd" in fp:
+        forms.append(fp | {"kd": {k: v for k, v in fp["kd"].items() if k not in RECORD_FIELDS}})
+    hashes = set()
+    for form in forms:
+        hashes.add(fingerprint(form))
+        if "optim" in form:
+            hashes.add(fingerprint(form | {"optim": form["optim"] | {"student_lr": student_lr}}))
     return hashes
 
 
-def refuse_another_config(state: dict[str, Any], fp: dict[str, Any], path: Path, student_lr: float = 0.0) -> None:
+def refuse_another_config(state: dict[str, Any], fp: dict[str, Any], path: Path, accepted: set[str]) -> None:
     """CheckpointError naming what differs when checkpoint `state` was made under another
-    fingerprint than `fp`."""
-    if state.get("fingerprint") in accepted_fingerprints(fp, student_lr):
+    fingerprint than `fp` (or one of the `accepted` hashes, see accepted_fingerprints)."""
+    if state.get("fingerprint") in accepted:
         return
     diffs = describe_differences(fp, state.get("fingerprint_fields", {}), have_name="checkpoint has")
     raise CheckpointError(
@@ -738,7 +783,9 @@ def adopt_teacher(cfg: Config, env: DistEnv, data: PreparedData) -> dict[str, An
     source = Path(cfg.model.teacher_checkpoint)
     dtype = amp_dtype(cfg, env.device)
     teacher = make_model(cfg, "teacher", data.num_classes, env)
-    load_weights_into(teacher, read_teacher_weights(source), source, cfg)
+    weights, held = read_teacher_file(source)
+    load_weights_into(teacher, weights, source, cfg, held=held)
+    refuse_another_architecture(cfg, held, source)
     fp = {"stage": "teacher", "adopted": weights_hash(teacher.state_dict()), "data": data.content_hash,
           "model": architecture(cfg, "teacher"), "precision": precision_name(dtype)}
     out = cfg.run_dir / "teacher"
@@ -750,7 +797,7 @@ def adopt_teacher(cfg: Config, env: DistEnv, data: PreparedData) -> dict[str, An
     if (out / "checkpoint.pt").is_file():
         held = load_checkpoint(out / "checkpoint.pt")
         if "adopted" not in held.get("fingerprint_fields", {}):  # a trained teacher: keep it
-            refuse_another_config(held, fp, out / "checkpoint.pt")
+            refuse_another_config(held, fp, out / "checkpoint.pt", accepted_fingerprints(fp))
     tracker = start_stage(cfg, "teacher", env) if env.is_main else StageTracker()
     try:
         summary = _evaluate_adopted(cfg, env, data, teacher, source, fp)
@@ -798,18 +845,20 @@ def train_stage(cfg: Config, env: DistEnv, data: PreparedData, stage: str) -> di
     if stage == "teacher" and cfg.model.teacher_checkpoint:
         return adopt_teacher(cfg, env, data)
     dtype = amp_dtype(cfg, env.device)
-    teacher, teacher_hash = (None, "")
+    teacher: TeacherLogits | None = None
+    record: TeacherRecord | None = None
     if stage == "student-kd":
-        teacher, teacher_hash = teacher_logits_source(cfg, data, env, dtype)
-    fp = stage_fingerprint(cfg, stage, data, precision_name(dtype), teacher_hash)
+        teacher, record = teacher_logits_source(cfg, data, env, dtype)
+    fp = stage_fingerprint(cfg, stage, data, precision_name(dtype), record)
+    accepted = accepted_fingerprints(fp, cfg.optim.student_lr, record is not None and record.legacy_ok)
     summary_path = cfg.run_dir / stage / "summary.json"
-    done = finished_summary(summary_path, accepted_fingerprints(fp, cfg.optim.student_lr))
+    done = finished_summary(summary_path, accepted)
     if done is not None:
         if env.is_main:
             log.info("%s: already trained (%s), test_acc=%.4f", stage, summary_path, done["test_acc"])
         return done
     resolve_loader(cfg, data, env.device)  # a loader that cannot run fails here, before any work
-    trainer = Trainer(cfg, env, data, stage, teacher, fp)
+    trainer = Trainer(cfg, env, data, stage, teacher, fp, accepted)
     tracker: StageTracker = StageTracker()
     try:
         trainer.resume()

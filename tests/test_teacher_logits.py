@@ -97,8 +97,8 @@ def cache_copy(smoke_run: Path, tmp_path: Path) -> Path:
 def _check(run_dir: Path, cache_dir: Path, *overrides: str) -> None:
     cfg = load_config("smoke", [f"run.dir={run_dir}", f"data.cache_dir={cache_dir}", *overrides])
     data = prepare_data(cfg, DistEnv())
-    _, teacher_hash = load_trained_teacher(cfg, data, DistEnv())
-    check_cache(cfg, data, teacher_hash)
+    _, teacher = load_trained_teacher(cfg, data, DistEnv())
+    check_cache(cfg, data, teacher)
 
 
 def test_valid_cache_is_accepted(cache_copy: Path, cache_dir: Path) -> None:
