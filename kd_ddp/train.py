@@ -45,6 +45,7 @@ from kd_ddp import losses
 from kd_ddp.augment import augment, normalize
 from kd_ddp.checkpoint import (
     CheckpointError,
+    atomic_write_bytes,
     atomic_write_json,
     load_checkpoint,
     load_weights_file,
@@ -432,9 +433,23 @@ class StepTally:
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl, up to the first line that is not one (an older kd-ddp
+    appended to it, and a kill could leave a last line half written)."""
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            break
+    return records
+
+
+def write_metrics(path: Path, history: list[dict[str, Any]]) -> None:
+    """metrics.jsonl, whole and atomically (temp file + rename): after any kill it holds the
+    records of the checkpoint before this one or of this one, never a half line."""
+    atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in history).encode())
 
 
 def check_interval(cfg: Config, device: torch.device) -> int:
@@ -510,16 +525,29 @@ class Trainer:
             self.partial = state.get("partial") or self.partial
             self.nonfinite = self.reported = state.get("nonfinite_steps", 0)
             self.lr = self.scheduler.get_last_lr()[0]
+            self.history = self._resumed_history(state)
             if self.env.is_main:
                 log.info("%s: resuming at epoch %d step %d of %d epochs (%s)", self.stage, self.start_epoch + 1,
                          self.start_step, self.epochs, self.ckpt_path)
-        self.history = _read_jsonl(self.out / "metrics.jsonl")[: self.start_epoch]
         steps = len(self.loader)
         # a resumed epoch restarts from rank-summed partial sums; rank 0 alone carries them
         carried = self.env.is_main and self.start_step > 0
         self.tally = StepTally.start(self.env.device, self.start_epoch * steps + self.start_step, self.nonfinite,
                                      self.partial["loss_sum"] if carried else 0.0,
                                      int(self.partial["seen"]) if carried else 0)
+
+    def _resumed_history(self, state: dict[str, Any]) -> list[dict[str, Any]]:
+        """The records of the epochs the checkpoint holds: its own copy (saved with it, so the
+        two always agree), else, for a checkpoint saved before it had one, metrics.jsonl's
+        first records, which a kill between the checkpoint and the append may have left short."""
+        if "history" in state:
+            return list(state["history"])
+        history = _read_jsonl(self.out / "metrics.jsonl")[: self.start_epoch]
+        if len(history) < self.start_epoch and self.env.is_main:
+            log.warning("%s: %s holds %d of the %d epochs %s finished; the summary's test metrics come from "
+                        "evaluating the checkpoint", self.stage, self.out / "metrics.jsonl", len(history),
+                        self.start_epoch, self.ckpt_path)
+        return history
 
     def _rng_state(self) -> dict[str, torch.Tensor | None]:
         cuda = self.env.device.type == "cuda"
@@ -548,6 +576,8 @@ class Trainer:
                 "epoch": epochs_done - 1, "step_in_epoch": step_in_epoch, "partial": part or {},
                 "nonfinite_steps": self.nonfinite, "fingerprint": self.fp_hash, "fingerprint_fields": self.fp,
                 "config": self.cfg.to_dict(), "num_classes": self.data.num_classes,
+                # the records of the epochs done: metrics.jsonl is rewritten from them (write_metrics)
+                "history": self.history,
             })
 
     # -- one step -------------------------------------------------------------------------
@@ -667,8 +697,9 @@ class Trainer:
         env = self.env
         if env.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
-            # Drop epochs logged after the checkpoint we resume from: they will be redone.
-            (self.out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in self.history))
+            # The checkpoint's records: epochs logged after it are dropped (they will be redone),
+            # one it holds that a kill kept out of metrics.jsonl is put back.
+            write_metrics(self.out / "metrics.jsonl", self.history)
             log.info("%s: %s, %.2f M parameters, %.1f M multiply-adds per image", self.stage, self.facts["name"],
                      self.facts["params"] / 1e6, self.facts["macs_per_image"] / 1e6)
             log.info("%s: %d epochs x %d steps, global batch %d on %d rank(s) (process group: %s), device %s, "
@@ -688,10 +719,9 @@ class Trainer:
                 raise NonFiniteLoss(f"{self.stage}: non-finite training loss in epoch {epoch + 1}; "
                                     f"the last good checkpoint is kept in {self.ckpt_path}")
             self.history.append(record)
-            self.save(epoch + 1)
+            self.save(epoch + 1)  # the record goes into the checkpoint first, then into metrics.jsonl
             if env.is_main:
-                with open(self.out / "metrics.jsonl", "a") as f:
-                    f.write(json.dumps(record) + "\n")
+                write_metrics(self.out / "metrics.jsonl", self.history)
                 tracker.log_epoch(record)
                 log.info("%s epoch %d/%d: train_loss %.4f test_loss %.4f test_acc %.4f (%.1f s, %.0f img/s)",
                          self.stage, epoch + 1, self.epochs, record["train_loss"], record["test_loss"],
@@ -699,16 +729,25 @@ class Trainer:
             barrier(env)
         return self.summary(time.perf_counter() - stage_start)
 
+    def final_test_metrics(self) -> tuple[float, float]:
+        """(test_loss, test_acc) of the trained model: its last epoch's record, or, where a
+        checkpoint saved before it held its records came without that one (_resumed_history),
+        the model evaluated now (the checkpoint's weights: what that epoch's evaluation saw)."""
+        if self.history and self.history[-1]["epoch"] == self.epochs:
+            return self.history[-1]["test_loss"], self.history[-1]["test_acc"]
+        return evaluate(self.model, self.test_loader, self.env, self.mean, self.std, self.cfg, self.dtype)
+
     def summary(self, session_s: float) -> dict[str, Any]:
         env, history = self.env, self.history
+        test_loss, test_acc = self.final_test_metrics()
         summary: dict[str, Any] = {
             "stage": self.stage,
             "model": self.facts,
-            "test_acc": history[-1]["test_acc"],
-            "test_loss": history[-1]["test_loss"],
+            "test_acc": test_acc,
+            "test_loss": test_loss,
             "epochs": self.epochs,
             "train_time_s": round(sum(r["epoch_time_s"] + r.get("eval_time_s", 0.0) for r in history), 3),
-            "images_per_s": round(sum(r["images_per_s"] for r in history) / len(history), 1),
+            "images_per_s": round(sum(r["images_per_s"] for r in history) / max(1, len(history)), 1),
             "world_size": env.world_size,
             "backend": env.backend,
             "device": str(env.device),
@@ -831,7 +870,7 @@ def _evaluate_adopted(cfg: Config, env: DistEnv, data: PreparedData, teacher: nn
         save_checkpoint(out / "checkpoint.pt", {
             "model": teacher.state_dict(), "fingerprint": fingerprint(fp), "fingerprint_fields": fp,
             "config": cfg.to_dict(), "num_classes": data.num_classes, "adopted_from": summary["adopted_from"]})
-        (out / "metrics.jsonl").write_text("")  # no epochs: nothing was trained
+        write_metrics(out / "metrics.jsonl", [])  # no epochs: nothing was trained
         atomic_write_json(out / "summary.json", summary)
         log.info("teacher: adopted %s (%s), not trained: test_acc %.4f, test_loss %.4f", source,
                  summary["model"]["name"], test_acc, test_loss)

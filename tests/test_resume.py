@@ -15,6 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from kd_ddp.checkpoint import load_checkpoint, save_checkpoint
+from kd_ddp.config import Config, load_config
+from kd_ddp.data import prepare_data
+from kd_ddp.distributed import DistEnv
+from kd_ddp.train import train_stage
 from tests.conftest import REPO, run_cli
 
 # Enough steps per epoch that a signal lands mid-epoch: 3 epochs x 48 steps.
@@ -184,3 +189,54 @@ def test_resume_with_another_precision_is_refused(tmp_path: Path, cache_dir: Pat
     proc = run_cli([*args, "train.amp=fp16"], check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert "precision: checkpoint has 'bfloat16', this run needs 'float16'" in proc.stderr
+
+
+# -- the metrics record and the checkpoint agree after any kill (in process) -----------------
+
+
+def _in_process(run_dir: Path, cache_dir: Path, *overrides: str) -> tuple[Config, DistEnv, object]:
+    cfg = load_config("smoke", [f"run.dir={run_dir}", f"data.cache_dir={cache_dir}", "tracking.wandb.mode=disabled",
+                                "tracking.progress=false", "data.loader=device", *overrides])
+    env = DistEnv()
+    return cfg, env, prepare_data(cfg, env)
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize("epochs", [1, 2])
+def test_a_kill_between_the_checkpoint_and_metrics_jsonl_resumes_with_the_last_epochs_record(
+        tmp_path: Path, cache_dir: Path, epochs: int) -> None:
+    """The last epoch's checkpoint is written and metrics.jsonl not yet (what a kill between
+    the two leaves; with one epoch an empty file): the rerun's summary reports the last epoch,
+    and metrics.jsonl holds every epoch again."""
+    cfg, env, data = _in_process(tmp_path, cache_dir, f"optim.epochs={epochs}")
+    done = train_stage(cfg, env, data, "teacher")
+    out = tmp_path / "teacher"
+    metrics = (out / "metrics.jsonl").read_text()
+    lines = metrics.splitlines(keepends=True)
+    assert len(lines) == epochs
+    (out / "metrics.jsonl").write_text("".join(lines[:-1]))
+    (out / "summary.json").unlink()
+    again = train_stage(cfg, env, data, "teacher")
+    assert (again["test_acc"], again["test_loss"]) == (done["test_acc"], done["test_loss"])
+    assert again["test_acc"] == json.loads(lines[-1])["test_acc"]
+    assert (out / "metrics.jsonl").read_text() == metrics
+
+
+@pytest.mark.fast
+def test_a_checkpoint_without_records_resumes_from_what_metrics_jsonl_holds(tmp_path: Path, cache_dir: Path) -> None:
+    """A checkpoint saved before checkpoints held their records: metrics.jsonl's lines are taken,
+    a half-written last line dropped; the last epoch's record lost, the summary's test metrics
+    come from evaluating the checkpoint, which are the ones that epoch recorded."""
+    cfg, env, data = _in_process(tmp_path, cache_dir)
+    done = train_stage(cfg, env, data, "teacher")
+    out = tmp_path / "teacher"
+    ckpt = out / "checkpoint.pt"
+    state = load_checkpoint(ckpt)
+    state.pop("history")
+    save_checkpoint(ckpt, state)
+    lines = (out / "metrics.jsonl").read_text().splitlines(keepends=True)
+    (out / "metrics.jsonl").write_text(lines[0] + lines[1][: len(lines[1]) // 2])
+    (out / "summary.json").unlink()
+    again = train_stage(cfg, env, data, "teacher")
+    assert (again["test_acc"], again["test_loss"]) == (done["test_acc"], done["test_loss"])
+    assert (out / "metrics.jsonl").read_text() == lines[0]
