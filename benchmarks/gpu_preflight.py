@@ -92,7 +92,8 @@ class Report:
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
         out["ok"] = not self.problems
-        out["versions"] = {p.dist: p.version for p in self.packages.values()}
+        # a version, or why there is none: "(absent (optional))", "(missing)" ...
+        out["versions"] = {p.dist: p.version or f"({p.status})" for p in self.packages.values()}
         return out
 
 
