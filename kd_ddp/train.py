@@ -544,8 +544,8 @@ class Trainer:
             return list(state["history"])
         history = _read_jsonl(self.out / "metrics.jsonl")[: self.start_epoch]
         if len(history) < self.start_epoch and self.env.is_main:
-            log.warning("%s: %s holds %d of the %d epochs %s finished; the summary's test metrics come from "
-                        "evaluating the checkpoint", self.stage, self.out / "metrics.jsonl", len(history),
+            log.warning("%s: %s holds the records of %d of the %d epochs %s finished (it was killed between the "
+                        "two); the others are lost", self.stage, self.out / "metrics.jsonl", len(history),
                         self.start_epoch, self.ckpt_path)
         return history
 
@@ -822,9 +822,9 @@ def adopt_teacher(cfg: Config, env: DistEnv, data: PreparedData) -> dict[str, An
     source = Path(cfg.model.teacher_checkpoint)
     dtype = amp_dtype(cfg, env.device)
     teacher = make_model(cfg, "teacher", data.num_classes, env)
-    weights, held = read_teacher_file(source)
-    load_weights_into(teacher, weights, source, cfg, held=held)
-    refuse_another_architecture(cfg, held, source)
+    weights, recorded = read_teacher_file(source)
+    load_weights_into(teacher, weights, source, cfg, held=recorded)
+    refuse_another_architecture(cfg, recorded, source)
     fp = {"stage": "teacher", "adopted": weights_hash(teacher.state_dict()), "data": data.content_hash,
           "model": architecture(cfg, "teacher"), "precision": precision_name(dtype)}
     out = cfg.run_dir / "teacher"
