@@ -75,7 +75,11 @@ USER_ERRORS = (ConfigError, DataError, CacheError, CheckpointError, NoSpaceError
 
 def lock_names(stage: str, mode: str) -> list[str]:
     """The locks a stage takes: its own, so that different stages of one run dir (the Slurm
-    chain's two students) run side by side; `pipeline` takes the run dir's and every stage's."""
+    chain's two students) run side by side; `pipeline` takes the run dir's and every stage's.
+    What two stages share has a lock of its own, taken while it is used: the logits cache's
+    (teacher_logits.cache_lock), held by cache-logits while it checks and builds the cache and
+    by a KD student while it reads it, in whichever run dir each runs (a sweep point links to
+    the cache it reads)."""
     if stage == "pipeline":
         return ["", "prepare-data", "train-teacher", "cache-logits", "train-student-normal", "train-student-kd",
                 "report"]
