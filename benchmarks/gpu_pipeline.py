@@ -184,7 +184,9 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     row = run(a.preset, a.archive, Path(a.cache), work, a.nproc, a.cold, a.overrides)
     (out / out_name(row, a.tag)).write_text(json.dumps(row, indent=1) + "\n")
-    print(json.dumps(row, indent=1))
+    print(f"{out / out_name(row, a.tag)}: wall {row['wall_s']} s, in-process {row['pipeline_s']} s, warm_data "
+          f"{row['warm_data']}, teacher {row['teacher_acc']}, normal {row['student_normal_acc']}, "
+          f"KD {row['student_kd_acc']}")
 
 
 if __name__ == "__main__":

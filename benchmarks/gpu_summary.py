@@ -43,6 +43,7 @@ ARCHIVE_MAX = 15 * 2**20  # under the tool's 16 MiB per file
 SKIP_SUFFIXES = (".pt", ".npy", ".beton", ".lock", ".tmp")  # weights, logits, prepared data, lock files
 SMALL_SUFFIXES = (".log", ".json", ".jsonl", ".txt", ".md")  # what an over-size archive keeps
 TIMED_OUT = (124, 137)  # timeout's rc after SIGTERM, after SIGKILL (-k)
+STOPPED = (130, 143)  # the call itself was interrupted or terminated during the step
 
 # The targets of issue 14 (docs/gpu.md), for the seed-gpu preset's steps and the strong step.
 TARGETS: dict[str, list[tuple[str, str, Callable[[float], bool]]]] = {
@@ -68,7 +69,8 @@ def read_events(work: Path) -> list[dict[str, Any]]:
         if e["event"] == "end" and steps and steps[-1]["name"] == e["step"] and steps[-1]["status"] == "running":
             s = steps[-1]
             s["rc"], s["seconds"] = e["rc"], round(e["t"] - s.pop("_t0"), 1)
-            s["status"] = "ok" if e["rc"] == 0 else "timed out" if e["rc"] in TIMED_OUT else "failed"
+            s["status"] = ("ok" if e["rc"] == 0 else "timed out" if e["rc"] in TIMED_OUT
+                           else "stopped" if e["rc"] in STOPPED else "failed")
         elif e["event"] == "start":
             steps.append({"name": e["step"], "status": "running", "rc": None, "seconds": None,
                           "limit_s": e.get("limit_s"), "_t0": e["t"]})
@@ -124,7 +126,7 @@ def smoke_figures(log: str) -> dict[str, Any]:
 
 
 def env_figures(work: Path) -> dict[str, Any]:
-    env = _json(work / "env.json") or {}
+    env = _json(work / "env.json") or _json(work / "preflight.json") or {}  # a call without env: the preflight's
     smi = (work / "logs" / "env.log").read_text() if (work / "logs" / "env.log").is_file() else ""
     return {"gpus": env.get("torch", {}).get("gpus"), "nvidia_smi": [x for x in smi.splitlines() if "MiB" in x],
             **{k: v for k, v in env.get("torch", {}).items() if k != "gpus"}, "python": env.get("python")}
@@ -185,7 +187,7 @@ def build(work: Path, preset: str, budget: int | None) -> dict[str, Any]:
         if s["figures"] and s["name"].split("-")[0] == "limit":
             s["figures"]["preset"] = preset  # the limit step ran the check's preset
         s["targets"] = targets(s["name"], s["figures"])
-        if s["status"] in ("failed", "timed out", "running"):
+        if s["status"] in ("failed", "timed out", "stopped", "running"):
             s["log_tail"] = log_tail(work, s["name"])
         s["log"] = f"logs/{s['name']}.log"
     env = _json(work / "env.json") or _json(work / "preflight.json") or {}
@@ -195,7 +197,8 @@ def build(work: Path, preset: str, budget: int | None) -> dict[str, Any]:
         "updated": datetime.datetime.now().isoformat(timespec="seconds"),
         "elapsed_s": round(time.time() - started["t"], 1) if "t" in started else None,
         "done": (work / "done").is_file(),
-        "failed_steps": [s["name"] for s in steps if s["status"] in ("failed", "timed out")],
+        "failed_steps": [s["name"] for s in steps if s["status"] in ("failed", "timed out", "stopped")],
+        "skipped_steps": [s["name"] for s in steps if s["status"] == "skipped"],
         "steps": steps, "versions": env.get("versions", {}), "machine": env_figures(work),
     }
 
@@ -247,7 +250,8 @@ def render(summary: dict[str, Any], files: list[str]) -> str:
             lines.append(f"{s['name']:10} {_fmt(s['rc']):>4} {_fmt(s['seconds']):>7}  {s['status']:9} "
                          f"(figures unreadable: {type(e).__name__}: {e}; see summary.json)")
         lines += [f"{'':12}| {x}" for x in s.get("log_tail", [])]
-    lines.append(f"failed: {', '.join(summary['failed_steps']) or 'none'}; files: {' '.join(files)}")
+    lines.append(f"failed: {', '.join(summary['failed_steps']) or 'none'}; skipped: "
+                 f"{', '.join(summary['skipped_steps']) or 'none'}; files: {' '.join(files)}")
     return "\n".join(lines) + "\n"
 
 

@@ -18,7 +18,7 @@
 #   strong    OPTIONAL, not in the default STEPS, in a call of its own: the `strong` preset's whole
 #             pipeline (ResNet-18 teacher with the CIFAR stem -> cache -> student_cnn normal and
 #             KD -> report); targets: teacher >= 0.94, the KD student's gain over the normal one.
-#             STEPS="env preflight strong" BUDGET_S=270, timeout_s=300
+#             STEPS="preflight strong" BUDGET_S=270, timeout_s=300
 # Usage: OUT=/tmp/gpu-check bash scripts/gpu_check.sh   (the device tool: OUT is its $OUT;
 # the default call: timeout_s=210). Every step gets what is left of BUDGET_S (default 180 s).
 #
@@ -62,25 +62,39 @@ summary() {  # rewrite $OUT's files from WORK (stdlib Python: works when the pac
     2>> "$WORK/logs/summary.log" || echo "(summary failed: $WORK/logs/summary.log)"
 }
 finish() {  # on any exit, the timed-out or killed one included: the summary as the output's last lines
+  [ -z "$CURRENT" ] || event "$CURRENT" end "" 143  # stopped during a step (SIGTERM to the call)
   touch "$WORK/done"
   echo "== done in $SECONDS s"
   summary --archive --print
 }
+stop() {  # SIGTERM or SIGINT to the call: end the running step now, not once it has finished
+  # (timeout passes the signal on to the step's processes, and SIGKILLs them 15 s later)
+  [ -z "$STEP_PID" ] || { kill -TERM "$STEP_PID" 2>/dev/null; wait "$STEP_PID"; }
+  exit 143
+}
+CURRENT= STEP_PID=  # the step running now, and its timeout's pid
 trap finish EXIT
-trap 'exit 143' TERM INT
+trap stop TERM INT
 
 step() {  # step NAME LIMIT_S CMD...: run with what is left of the budget, log to WORK/logs/NAME.log
   local name=$1 limit=$2 left=$((BUDGET_S - SECONDS)) t0=$SECONDS rc
   shift 2
   if [ "$left" -lt 20 ]; then
-    event "$name" skipped "" "" "budget spent"; echo "$name skipped: budget spent"; summary; return 1
+    event "$name" skipped "" "" "budget spent"; echo "$name skipped: budget spent"; SKIPPED="$SKIPPED $name"
+    summary; return 1
   fi
   [ "$limit" -gt "$left" ] && limit=$left
   echo "== $(date +%T) $name (at most ${limit} s)"
   event "$name" start "$limit"
+  CURRENT=$name
   summary  # a call killed during this step still says it was running
-  timeout -k 15 "$limit" "$@" > "$WORK/logs/$name.log" 2>&1  # -k: SIGKILL what a SIGTERM leaves (a torchrun child checkpointing)
+  # -k: SIGKILL what a SIGTERM leaves (a torchrun child checkpointing). In the background and
+  # waited for, so that a SIGTERM to the call reaches the step at once (see stop).
+  timeout -k 15 "$limit" "$@" > "$WORK/logs/$name.log" 2>&1 &
+  STEP_PID=$!
+  wait "$STEP_PID"
   rc=$?
+  CURRENT= STEP_PID=
   event "$name" end "$limit" "$rc"
   [ "$rc" -eq 0 ] || FAILED="$FAILED $name"
   echo "$name rc=$rc $((SECONDS - t0)) s"
@@ -100,7 +114,7 @@ pipeline() {  # pipeline NAME LIMIT_S NPROC [--cold] [ARGS...]: its JSON into WO
     --work "$RUNS" --out "$WORK/$name" --nproc "$nproc" "$@"
 }
 
-PREFLIGHT_DONE= FAILED=
+PREFLIGHT_DONE= FAILED= SKIPPED=
 for s in $STEPS; do
   case $s in
     env|preflight) ;;
@@ -129,4 +143,5 @@ for s in $STEPS; do
     *) echo "unknown step $s"; exit 2 ;;
   esac
 done
-[ -z "$FAILED" ] || { echo "failed:$FAILED"; exit 1; }
+# not 0 unless every step asked for ran and passed (a budget skip is a figure not measured)
+[ -z "$FAILED$SKIPPED" ] || { echo "failed:${FAILED:- none}; skipped for the budget:${SKIPPED:- none}"; exit 1; }

@@ -214,7 +214,7 @@ def test_device_calls_fit_the_session_with_a_rerun() -> None:
     budget = int(re.search(r"BUDGET_S=\$\{BUDGET_S:-(\d+)\}", script).group(1))
     default = int(re.search(r'run\(command="OUT=\$OUT bash scripts/gpu_check.sh", carry=\[".gpu"\], '
                             r"timeout_s=(\d+)\)", doc).group(1))
-    strong = re.search(r'run\(command="STEPS=\\?"env preflight strong\\?" BUDGET_S=(\d+) OUT=\$OUT bash '
+    strong = re.search(r'run\(command="STEPS=\\?"preflight strong\\?" BUDGET_S=(\d+) OUT=\$OUT bash '
                        r'scripts/gpu_check.sh", carry=\[".gpu"\], timeout_s=(\d+)\)', doc)
     assert strong, "docs/gpu.md names the strong call"
     strong_budget, strong_timeout = map(int, strong.groups())
