@@ -11,7 +11,7 @@ ran). `scripts/gpu_check.sh` runs this first and stops when it fails. It checks,
 - each package of pyproject.toml's `dependencies` (and the ffcv and vision extras): it
   imports, and the version of the copy imported (a carried one in `.gpu/site` included) is
   in pyproject.toml's range; wandb is only reported (the check runs with tracking off), and
-  FFCV may be absent (on a GPU the data is held on the device) but must load if present;
+  FFCV's problems are warnings (on a GPU the data is held on the device: no step needs it);
 - the lock arguments: a run-dir lock and a cache lock taken and released through
   kd_ddp.locks itself, in a temporary directory;
 - every module of kd_ddp, launch and benchmarks imports;
@@ -86,6 +86,7 @@ class Report:
     checks: dict[str, str] = field(default_factory=dict)  # lock arguments, project modules, cuda: "ok ..." or problem
     torch: dict[str, Any] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # an optional package's problems: reported, not failed
     seconds: float = 0.0
     doing: str = "starting"  # what the checks were at: named when the deadline passes
 
@@ -223,7 +224,7 @@ def check_package(pkg: Package) -> None:
 
 
 def problem_of(pkg: Package) -> str | None:
-    if pkg.status in ("ok", "not imported", "absent (optional)", "unusable (optional)", "absent (not used here)"):
+    if pkg.status in ("ok", "not imported", "absent (optional)", "absent (not used here)"):
         return None
     if pkg.status == "outside range":
         return f"{pkg.dist} {pkg.version} is outside pyproject.toml's range {pkg.spec}" + (
@@ -305,11 +306,12 @@ def check_packages(report: Report, requirements: list[tuple[str, str]]) -> None:
         report.doing = f"importing {dist}"
         pkg = report.packages[dist] = Package(dist, spec, role_of(dist))
         check_package(pkg)
-        mark = "ok" if problem_of(pkg) is None else "FAIL"
+        problem = problem_of(pkg)
+        mark = "ok" if problem is None else "WARN" if pkg.role == "optional" else "FAIL"
         say(f"  {mark:4} {dist:17} {pkg.version or '-':14} {spec or 'any':12} {pkg.status}"
-            f"{': ' + pkg.detail if pkg.detail and mark == 'FAIL' else ''}{'  ' + pkg.path if pkg.path else ''}")
-        if (problem := problem_of(pkg)) is not None:
-            report.problems.append(problem)
+            f"{': ' + pkg.detail if pkg.detail and mark != 'ok' else ''}{'  ' + pkg.path if pkg.path else ''}")
+        if problem is not None:
+            (report.warnings if pkg.role == "optional" else report.problems).append(problem)
 
 
 def run_checks(report: Report, need_cuda: bool, list_only: bool) -> None:
@@ -375,6 +377,8 @@ def main(argv: list[str] | None = None) -> int:
         say(f"preflight --list: done in {report.seconds} s")
         return 0
     verdict = "ok" if not report.problems else "FAILED: " + "; ".join(report.problems)
+    if report.warnings:
+        verdict += " (warnings: " + "; ".join(report.warnings) + ")"
     say(f"preflight: {verdict} ({report.seconds} s)")
     return 0 if not report.problems else 1
 

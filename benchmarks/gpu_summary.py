@@ -134,8 +134,8 @@ def env_figures(work: Path) -> dict[str, Any]:
 
 def preflight_figures(work: Path) -> dict[str, Any]:
     pre = _json(work / "preflight.json") or {}
-    return {"ok": pre.get("ok"), "problems": pre.get("problems"), "checks": pre.get("checks"),
-            "seconds": pre.get("seconds")}
+    return {"ok": pre.get("ok"), "problems": pre.get("problems"), "warnings": pre.get("warnings"),
+            "checks": pre.get("checks"), "seconds": pre.get("seconds")}
 
 
 def figures(work: Path, name: str) -> dict[str, Any]:
@@ -224,7 +224,8 @@ def step_line(s: dict[str, Any]) -> str:
     elif kind == "smoke" and f:
         text = ", ".join(f"{k} {_fmt(v)}" for k, v in f.items())
     elif kind == "preflight" and f:
-        text = "ok" if f["ok"] else "; ".join(f["problems"] or [])
+        text = ("ok" if f["ok"] else "; ".join(f["problems"] or [])) + "".join(
+            f"; warning: {w}" for w in f.get("warnings") or [])
     elif kind == "env" and f:
         text = f"GPUs {f.get('gpus') or 'none'}, torch {f.get('torch')}, CUDA {f.get('cuda')}"
     else:
