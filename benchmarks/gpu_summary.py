@@ -295,7 +295,8 @@ def publish_records(work: Path, out: Path, steps: list[dict[str, Any]]) -> list[
     names: list[str] = []
     for s in steps:
         for path in sorted((work / s["name"]).glob("pipeline-*.json")) if (work / s["name"]).is_dir() else []:
-            if path.name not in names and len(names) < MAX_FILES - len(FIXED):
+            # one place kept for a partial .tmp that a kill mid-write would leave
+            if path.name not in names and len(names) < MAX_FILES - len(FIXED) - 1:
                 write_atomic(out / path.name, path.read_bytes())
                 names.append(path.name)
     return names

@@ -26,8 +26,10 @@
 # dir goes to WORK, and after every step benchmarks/gpu_summary.py rewrites in $OUT:
 # summary.json, summary.txt, logs.tar.gz (WORK without weights) and the pipeline JSONs (at
 # most 4): at most 7 files whatever STEPS is. summary.txt is printed at the end as well.
-# A dry run of the script's logic on a CPU (tests/test_gpu_check.py):
-#   PRESET=smoke STEPS="env preflight cold warm limit" PREFLIGHT_S=120 OUT=/tmp/gc bash scripts/gpu_check.sh
+# Exit status 0 only when every step asked for ran and passed. A dry run of the script's
+# logic on a CPU, on the smoke preset's synthetic data, in a minute or two (tests/test_gpu_check.py):
+#   PRESET=smoke STEPS="env preflight cold warm limit" ARCHIVE= PREFLIGHT_S=120 BUDGET_S=900 \
+#     PY=.venv/bin/python OUT=/tmp/gc bash scripts/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu-check}
