@@ -40,7 +40,10 @@ from typing import Any
 MAX_FILES = 8  # the device tool's limit on files brought back from $OUT
 FIXED = ("summary.json", "summary.txt", "logs.tar.gz")
 ARCHIVE_MAX = 15 * 2**20  # under the tool's 16 MiB per file
-SKIP_SUFFIXES = (".pt", ".npy", ".beton", ".lock", ".tmp")  # weights, logits, prepared data, lock files
+# Weights, logits, prepared data, lock files, and their temporary copies that a killed run
+# leaves (`.logits.npy.tmp-<token>`, `checkpoint.pt.tmp...`).
+SKIP = re.compile(r"\.(pt|npy|npz|beton|lock)($|[.-])|\.tmp($|-)")
+SKIP_BYTES = 4 * 2**20  # any other file this large is left out too (the run dirs hold none)
 SMALL_SUFFIXES = (".log", ".json", ".jsonl", ".txt", ".md")  # what an over-size archive keeps
 TIMED_OUT = (124, 137)  # timeout's rc after SIGTERM, after SIGKILL (-k)
 STOPPED = (130, 143)  # the call itself was interrupted or terminated during the step
@@ -271,7 +274,8 @@ def archive_bytes(work: Path, small_only: bool = False) -> bytes:
     def keep(info: tarfile.TarInfo) -> tarfile.TarInfo | None:
         if info.isdir():
             return info
-        dropped = info.name.endswith(SKIP_SUFFIXES) or small_only and not info.name.endswith(SMALL_SUFFIXES)
+        dropped = (SKIP.search(Path(info.name).name) is not None or small_only and not info.name.endswith(
+            SMALL_SUFFIXES) or info.size > SKIP_BYTES and not info.name.endswith(".log"))
         return info if info.isfile() and not dropped else None  # no links: they would point off the machine
 
     buf = io.BytesIO()

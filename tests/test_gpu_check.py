@@ -194,6 +194,10 @@ def test_summary_of_a_call_killed_mid_step_says_what_was_done(tmp_path: Path) ->
         json.dumps({"step": n, "event": e, "t": at, "limit_s": 60, "rc": rc}) + "\n" for n, e, at, rc in events))
     (work / "preflight.json").write_text(json.dumps({"ok": True, "problems": [], "versions": {"filelock": "4.3.1"}}))
     (work / "logs" / "warm.log").write_text("teacher epoch 3/30\nteacher epoch 4/30\n")
+    run = work / "runs" / "pipeline-seed-gpu-1"
+    (run / "teacher-logits").mkdir(parents=True)
+    for name in ("teacher-logits/.logits.npy.tmp-ab12", "checkpoint.pt", ".kd-ddp.lock", "metrics.jsonl"):
+        (run / name).write_bytes(b"x")  # what the killed run left: its weights and partial logits stay behind
     gpu_summary.main(["--work", str(work), "--out", str(out), "--preset", "seed-gpu", "--archive"])
     summary = json.loads((out / "summary.json").read_text())
     assert [(s["name"], s["status"]) for s in summary["steps"]] == [("env", "ok"), ("preflight", "ok"),
@@ -201,6 +205,10 @@ def test_summary_of_a_call_killed_mid_step_says_what_was_done(tmp_path: Path) ->
     assert summary["steps"][0]["seconds"] == 3.0 and summary["steps"][2]["log_tail"][-1] == "teacher epoch 4/30"
     assert summary["versions"] == {"filelock": "4.3.1"} and not summary["done"]
     assert sorted(p.name for p in out.iterdir()) == ["logs.tar.gz", "summary.json", "summary.txt"]
+    with tarfile.open(out / "logs.tar.gz") as tar:
+        files = {n for n in tar.getnames() if tar.getmember(n).isfile()}
+    assert files == {"gpu-check/steps.jsonl", "gpu-check/preflight.json", "gpu-check/logs/warm.log",
+                     "gpu-check/runs/pipeline-seed-gpu-1/metrics.jsonl"}
     assert "warm" in (out / "summary.txt").read_text() and "NOT done" in (out / "summary.txt").read_text()
 
 
