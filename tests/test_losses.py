@@ -53,6 +53,39 @@ def test_mse_onehot() -> None:
     assert mse_onehot_loss(logits, y, "softmax").item() == pytest.approx(expected)
 
 
-def test_teacher_loss_is_ce() -> None:
-    s, y = torch.randn(8, 5), torch.randint(0, 5, (8,))
-    assert teacher_loss(s, y).item() == pytest.approx(F.cross_entropy(s, y).item())
+def test_teacher_loss_smooths_labels_as_hand_computed() -> None:
+    """Label smoothing eps over K classes: (1 - eps) * -log p_y + eps/K * sum_k -log p_k; the
+    true class keeps its weight, the rest is spread over every class, the true one included."""
+    logits, y, eps = [2.0, 0.0, -1.0], 0, 0.1
+    log_p = [math.log(p) for p in _softmax(logits)]
+    expected = -(1 - eps) * log_p[y] - eps / len(logits) * sum(log_p)
+    got = teacher_loss(torch.tensor([logits]), torch.tensor([y]), label_smoothing=eps)
+    assert got.item() == pytest.approx(expected, rel=1e-6)
+    assert teacher_loss(torch.tensor([logits]), torch.tensor([y])).item() == pytest.approx(-log_p[y], rel=1e-6)
+
+
+def test_teacher_loss_scores_half_precision_logits_in_float32() -> None:
+    """Autocast hands over bf16 logits: the loss is taken in float32, as of the logits made float."""
+    torch.manual_seed(0)
+    logits, y = (torch.randn(8, 10) * 8).bfloat16(), torch.randint(0, 10, (8,))
+    got = teacher_loss(logits, y, label_smoothing=0.1)
+    assert got.dtype == torch.float32
+    assert got.item() == pytest.approx(teacher_loss(logits.float(), y, label_smoothing=0.1).item(), rel=1e-6)
+
+
+def test_kd_soft_term_gradient_keeps_its_scale_across_temperatures() -> None:
+    """The T^2 factor (Hinton et al. 2015): the soft term's gradient on the student logits tends,
+    as T grows, to (centred s - t) / (K * N), off by O(1/T); without it the gradient falls as 1/T^2."""
+    torch.manual_seed(0)
+    s0, t = torch.randn(16, 10), torch.randn(16, 10)
+    y = torch.randint(0, 10, (16,))
+
+    def soft_grad(temperature: float) -> torch.Tensor:
+        s = s0.clone().requires_grad_()
+        kd_loss(s, t, y, 0.0, temperature).backward()
+        return s.grad
+
+    d = s0 - t
+    limit = (d - d.mean(dim=1, keepdim=True)) / d.numel()
+    torch.testing.assert_close(soft_grad(100.0), limit, rtol=0, atol=0.02 * limit.abs().max().item())
+    assert soft_grad(4.0).norm().item() == pytest.approx(soft_grad(8.0).norm().item(), rel=0.01)
