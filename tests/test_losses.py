@@ -31,10 +31,14 @@ def test_kd_loss_matches_hand_computation() -> None:
     assert got.item() == pytest.approx(expected, rel=1e-6)
 
 
-def test_kd_limits() -> None:
+def _batch(n: int = 16, classes: int = 10) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(student logits, teacher logits, labels) of a seeded random batch."""
     torch.manual_seed(0)
-    s, t = torch.randn(16, 10), torch.randn(16, 10)
-    y = torch.randint(0, 10, (16,))
+    return torch.randn(n, classes), torch.randn(n, classes), torch.randint(0, classes, (n,))
+
+
+def test_kd_limits() -> None:
+    s, t, y = _batch()
     assert kd_loss(s, t, y, 1.0, 4.0).item() == pytest.approx(F.cross_entropy(s, y).item(), rel=1e-6)
     # alpha=0 with the teacher equal to the student: KL is zero
     assert kd_loss(s, s.clone(), y, 0.0, 4.0).item() == pytest.approx(0.0, abs=1e-6)
@@ -76,9 +80,7 @@ def test_teacher_loss_scores_half_precision_logits_in_float32() -> None:
 def test_kd_soft_term_gradient_keeps_its_scale_across_temperatures() -> None:
     """The T^2 factor (Hinton et al. 2015): the soft term's gradient on the student logits tends,
     as T grows, to (centred s - t) / (K * N), off by O(1/T); without it the gradient falls as 1/T^2."""
-    torch.manual_seed(0)
-    s0, t = torch.randn(16, 10), torch.randn(16, 10)
-    y = torch.randint(0, 10, (16,))
+    s0, t, y = _batch()
 
     def soft_grad(temperature: float) -> torch.Tensor:
         s = s0.clone().requires_grad_()
