@@ -13,31 +13,21 @@ with --wait, follow it as the submitting command would have.
 Per-stage resources come from the `slurm.*` config section (`slurm.teacher.tasks_per_node=2`;
 `slurm.*.field=value` sets a field for every stage); docs/slurm.md says what each becomes.
 
-Inside a job, every Slurm task is one torch.distributed rank: submitit's
-`TorchDistributedEnvironment` exports RANK, WORLD_SIZE, MASTER_ADDR, ... and `run_stage`
-joins the group exactly as under torchrun; MASTER_PORT is picked free on the first node by
-the job script (launch/ports.py). Jobs are checkpointable: on USR2 (preemption, or
-`slurm.signal_delay_s` before the time limit) submitit requeues them, and the stage resumes
-from its last epoch checkpoint.
+This module is the submitter and the watcher: it turns the plan (launch/plan.py: which jobs,
+with which configs and dependencies) into sbatch submissions of the jobs that run on the
+nodes (launch/tasks.py), writes the record, and follows the jobs' states through sacct and
+squeue, cancelling what a failure leaves unable to run.
 """
 
 from __future__ import annotations
 
 import argparse
-import atexit
-import dataclasses
-import functools
-import itertools
 import json
 import math
-import os
-import pickle
 import shlex
-import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,18 +35,22 @@ from typing import Any
 import submitit
 from submitit.core.utils import FailedJobError, FailedSubmissionError
 
-from kd_ddp.checkpoint import atomic_write_bytes, atomic_write_json
-from kd_ddp.config import Config, ConfigError, StageResources, from_dict, load_config
+from kd_ddp.checkpoint import atomic_write_json
+from kd_ddp.config import Config, ConfigError, StageResources
+from kd_ddp.stages import REPORT, STUDENT_KD
+
+# The `as` imports keep here the names other code imported from this module before it was
+# split: the pickle of a job submitted before names launch.slurm.StageJob (or SweepReportJob),
+# which submitit loads again when the job starts or is requeued; tests and benchmarks import
+# the others.
+from launch.plan import STEPS, Step, log_dir_of, plan_submission
+from launch.plan import check_paths as check_paths
+from launch.plan import link as link
+from launch.tasks import StageJob, SweepReportJob, read_outcome
+from launch.tasks import end_once_saved as end_once_saved
 
 ROOT = Path(__file__).resolve().parents[1]
-# kd_ddp stage -> its section of SlurmConfig
-RESOURCES = {"prepare-data": "prepare_data", "train-teacher": "teacher", "cache-logits": "cache_logits",
-             "train-student": "student", "report": "report"}
-PIPELINE_STEPS = ("prepare-data", "train-teacher", "cache-logits", "student-normal", "student-kd", "report")
-# Sweepable keys change only the KD student: the teacher and the data stay shared.
-SWEEPABLE = ("kd.alpha", "kd.temperature", "seed", "kd.teacher", "optim.student_epochs", "optim.student_lr",
-             "optim.student_warmup_epochs", "model.student", "model.student_width", "model.student_hidden")
-SHORT_NAMES = {"kd.alpha": "a", "kd.temperature": "t", "seed": "s"}
+COMMANDS = ("pipeline", "sweep", "status")  # this launcher's, not kd_ddp's
 # sacct states of a job that may still complete. PREEMPTED is not one: a job requeued after
 # preemption is back in the queue (see settle), one preempted with PreemptMode=CANCEL is over.
 WAITING = {"PENDING", "RUNNING", "REQUEUED", "COMPLETING", "CONFIGURING", "RESIZING", "SUSPENDED", "UNKNOWN",
@@ -74,339 +68,6 @@ REASON_HINTS = {
     "InvalidQOS": "the QOS is not valid for this user or partition: check slurm.<stage>.qos",
     "BadConstraints": "no node matches the request (constraint, GPUs, memory)",
 }
-
-
-# -- what runs inside a job -------------------------------------------------------------
-
-
-class StageJob(submitit.helpers.Checkpointable):
-    """One kd_ddp stage in one Slurm task; all tasks of the job form one process group."""
-
-    def __init__(self, config: dict[str, Any], stage: str, mode: str = "kd", gpus: int = 0) -> None:
-        self.config = config
-        self.stage = stage
-        self.mode = mode
-        self.gpus = gpus  # GPUs the job asked for on each node; > 0 means train on them or fail
-
-    def __call__(self) -> dict[str, Any]:
-        from kd_ddp.cli import run_stage
-        from kd_ddp.distributed import joined_a_group
-        from kd_ddp.train import Preempted
-
-        # Slurm started the tasks: no torchrun here, the task identity becomes torch's env.
-        # CUDA_VISIBLE_DEVICES stays as Slurm set it; kd_ddp maps local rank -> device.
-        # MASTER_PORT comes from the job script (launch/ports.py), which export() keeps.
-        dist = submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False,
-                                                                      overwrite=True)
-        # The host matters once ranks span nodes: it is what a hang or a connection error is traced to.
-        print(f"kd-ddp {self.stage}: rank {dist.rank} of world size {dist.world_size} on {socket.gethostname()} "
-              f"(local rank {dist.local_rank} of {dist.local_world_size}, "
-              f"master {dist.master_addr}:{dist.master_port})", flush=True)
-        cfg = from_dict(self.config)
-        check_node(cfg, self.stage, self.gpus)
-        try:
-            result = run_stage(cfg, self.stage, self.mode)
-            if joined_a_group():
-                atexit.register(end_once_saved, submitit.JobEnvironment().paths.result_pickle)
-            return result
-        except Preempted as e:
-            # SIGTERM: Slurm is ending the job (requeue, preemption, cancel) and the stage has
-            # checkpointed mid-epoch. Leave without a result, so submitit records no failure.
-            print(f"kd-ddp {self.stage}: {e}", flush=True)
-            raise SystemExit(143) from None
-        finally:
-            print(f"kd-ddp {self.stage}: rank {dist.rank} ran on CPUs {sorted(os.sched_getaffinity(0))} with "
-                  f"{torch_threads()} torch threads", flush=True)
-
-    def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
-        # Nothing to save here: every epoch already ends with an atomic checkpoint that
-        # run_stage resumes from, so requeueing the same call loses at most one epoch.
-        print(f"kd-ddp {self.stage}: interrupted; requeueing, the stage resumes from its last "
-              "checkpoint", flush=True)
-        return super().checkpoint(*args, **kwargs)
-
-
-def end_once_saved(result_pickle: Path) -> None:
-    """At exit of a task that was in a process group: once submitit has saved its result as a
-    success, end the process as `kd_ddp.distributed.end_process` does (it says why), so a
-    finished stage does not abort in the interpreter's exit and leave Slurm a failed task. An
-    error, or no result, leaves the normal exit and its code."""
-    if read_outcome(result_pickle)[0] == "success":
-        from kd_ddp.distributed import end_process
-        end_process(0)
-
-
-class _Inert:
-    """What every name a result file refers to loads as: it takes any arguments and state
-    and does nothing. kd-ddp reads only a result's outcome and an error's text, never the
-    value a successful job returned, so no name in the file is ever imported or called."""
-
-    def __new__(cls, *args: Any, **kwargs: Any) -> _Inert:
-        return object.__new__(cls)
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def __call__(self, *args: Any, **kwargs: Any) -> _Inert:  # cloudpickle calls what it rebuilt (a type)
-        return _Inert()
-
-    def __setstate__(self, state: Any) -> None:
-        pass
-
-    def __setitem__(self, key: Any, value: Any) -> None:
-        pass
-
-    def append(self, item: Any) -> None:
-        pass
-
-    def extend(self, items: Any) -> None:
-        pass
-
-
-class _ResultUnpickler(pickle.Unpickler):
-    """Reads a submitit result file without running it. submitit writes ("success", the
-    job's return value) or ("error", the traceback as text) with cloudpickle, which can
-    name any callable (a function pickled by value, too), and a plain pickle.load calls
-    what the file names: a crafted file in a log directory would run its code in whoever
-    reads the status."""
-
-    def find_class(self, module: str, name: str) -> type[_Inert]:
-        return _Inert
-
-    def persistent_load(self, pid: Any) -> Any:
-        raise pickle.UnpicklingError("persistent ids are not part of a result")
-
-
-def read_outcome(result_pickle: Path) -> tuple[str, str]:
-    """A result file's outcome: ("success", ""), ("error", the traceback text), or
-    ("unreadable", why) for a missing or malformed file or one that holds anything but
-    what submitit writes."""
-    try:
-        with open(result_pickle, "rb") as f:
-            value = _ResultUnpickler(f).load()
-    except OSError as e:
-        return "unreadable", f"cannot read {result_pickle}: {e.strerror}"
-    except Exception as e:  # a malformed pickle raises many types
-        return "unreadable", f"{result_pickle} is not a result file: {type(e).__name__}: {e}"
-    if type(value) is tuple and len(value) == 2 and value[0] == "success":
-        return "success", ""
-    if type(value) is tuple and len(value) == 2 and value[0] == "error" and type(value[1]) is str:
-        return "error", value[1]
-    return "unreadable", f"{result_pickle} holds neither a success nor an error as submitit writes them"
-
-
-class SweepReportJob(StageJob):
-    """The sweep's report, run once every point ended (afterany): it names the points that
-    have no finished KD student in report.md and results.json (`sweep_missing`)."""
-
-    def __init__(self, config: dict[str, Any], points: dict[str, str]) -> None:
-        super().__init__(config, "report")
-        self.points = points  # name -> run dir
-
-    def __call__(self) -> dict[str, Any]:
-        result = super().__call__()
-        missing = [n for n, d in self.points.items() if not (Path(d) / "student-kd" / "summary.json").is_file()]
-        note_missing_points(Path(self.config["run"]["dir"]) / "report", missing)
-        return {**result, "sweep_missing": missing}
-
-
-def note_missing_points(report_dir: Path, missing: list[str]) -> None:
-    results_path = report_dir / "results.json"
-    results = json.loads(results_path.read_text())
-    results["sweep_missing"] = missing
-    atomic_write_json(results_path, results)
-    if missing:
-        text = (report_dir / "report.md").read_text()
-        text += ("\n## Sweep points without a result\n\nThese points of the grid have no finished KD student "
-                 "(their job failed or was cancelled; `launch.slurm status` names the job and its log): "
-                 + ", ".join(f"`{n}`" for n in missing) + ".\n")
-        atomic_write_bytes(report_dir / "report.md", text.encode())
-
-
-def torch_threads() -> int:
-    import torch
-
-    return torch.get_num_threads()
-
-
-def check_node(cfg: Config, stage: str, gpus: int) -> None:
-    """Refuse, naming the stage and the node, what would otherwise fail late or silently: a
-    job that asked for GPUs but sees none (it would train for hours on the CPU), FFCV that
-    does not import where data.loader=ffcv needs it (a traceback when the loader starts)."""
-    import torch
-
-    from kd_ddp.distributed import cuda_visibility
-
-    host = socket.gethostname()
-    if gpus and not torch.cuda.is_available():
-        raise ConfigError(f"stage {stage}: the job asked Slurm for {gpus} GPU(s) per node "
-                          f"(slurm.{RESOURCES[stage]}) but torch sees no CUDA device on {host} ({cuda_visibility()}); "
-                          "check the GPU request for this partition, and that the job's Python has a CUDA "
-                          "build of torch")
-    if cfg.data.loader == "ffcv" and stage != "report":
-        try:
-            import ffcv  # noqa: F401
-        except Exception as e:
-            raise ConfigError(f"stage {stage}: data.loader=ffcv but FFCV does not import on {host} "
-                              f"({sys.executable}: {type(e).__name__}: {e}); install kd-ddp[ffcv] in the "
-                              "job's environment or use data.loader=torch") from None
-
-
-# -- the plan: which jobs, with which configs and dependencies --------------------------
-
-
-@dataclass
-class Step:
-    key: str  # unique name of the job within one submission
-    stage: str  # kd_ddp stage it runs
-    configs: list[Config]  # one = a plain job, several = a job array
-    mode: str = "kd"
-    after: list[str] = field(default_factory=list)  # keys of the steps it waits for (afterok)
-    names: list[str] = field(default_factory=list)  # sweep point names, one per array task
-    after_any: list[str] = field(default_factory=list)  # keys of steps it waits to end, however (afterany)
-    points: dict[str, str] = field(default_factory=dict)  # sweep report: point name -> its run dir
-
-    @property
-    def resources(self) -> StageResources:
-        return getattr(self.configs[0].slurm, RESOURCES[self.stage])
-
-
-def pipeline_steps(cfg: Config, only: Iterable[str] = PIPELINE_STEPS) -> list[Step]:
-    cached = cfg.kd.teacher == "cached"
-    students_after = ["cache-logits"] if cached else ["train-teacher"]
-    steps = [Step("prepare-data", "prepare-data", [cfg]),
-             Step("train-teacher", "train-teacher", [cfg], after=["prepare-data"]),
-             *([Step("cache-logits", "cache-logits", [cfg], after=["train-teacher"])] if cached else []),
-             Step("student-normal", "train-student", [cfg], mode="normal", after=students_after),
-             Step("student-kd", "train-student", [cfg], mode="kd", after=students_after),
-             Step("report", "report", [cfg], after=["student-normal", "student-kd"])]
-    return select_steps(steps, set(only))
-
-
-def select_steps(steps: list[Step], keep: set[str]) -> list[Step]:
-    """The steps in `keep`, each waiting for its nearest kept ancestors."""
-    by_key = {s.key: s for s in steps}
-
-    def kept_ancestors(key: str) -> list[str]:
-        out: list[str] = []
-        for parent in by_key[key].after:
-            for k in [parent] if parent in keep else kept_ancestors(parent):
-                if k not in out:
-                    out.append(k)
-        return out
-
-    return [dataclasses.replace(s, after=kept_ancestors(s.key)) for s in steps if s.key in keep]
-
-
-def parse_stages(text: str) -> list[str]:
-    if text == "all":
-        return list(PIPELINE_STEPS)
-    wanted: list[str] = []
-    for name in (n.strip() for n in text.split(",") if n.strip()):
-        expanded = ["student-normal", "student-kd"] if name == "train-student" else [name]
-        for key in expanded:
-            if key not in PIPELINE_STEPS:
-                raise ConfigError(f"--stages: unknown stage {name!r}; stages: {', '.join(PIPELINE_STEPS)}, "
-                                  "train-student (= both students)")
-            wanted.append(key)
-    return wanted
-
-
-def expand_wildcards(overrides: list[str]) -> list[str]:
-    """`slurm.*.field=v` -> the same override for every stage's resources."""
-    stages = list(Config().slurm.stages())
-    out: list[str] = []
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if key.strip().startswith("slurm.*."):
-            out += [f"slurm.{stage}.{key.strip()[len('slurm.*.'):]}{sep}{value}" for stage in stages]
-        else:
-            out.append(item)
-    return out
-
-
-def split_grid(overrides: list[str]) -> tuple[list[str], dict[str, list[str]]]:
-    """Separate `key=v1,v2,...` sweep axes from plain overrides. Only sweepable keys are axes:
-    list and text fields keep their commas (tracking.wandb.tags=a,b, slurm.*.extra=--mail-type=END,FAIL)."""
-    default = Config()
-    base: list[str] = []
-    grid: dict[str, list[str]] = {}
-    for item in overrides:
-        key, sep, text = item.partition("=")
-        key = key.strip().lstrip("-")
-        try:
-            is_text = isinstance(functools.reduce(getattr, key.split("."), default), list | str)
-        except AttributeError:  # unknown key: load_config says so, with a suggestion
-            is_text = True
-        if not sep or "," not in text or (is_text and key not in SWEEPABLE):
-            base.append(item)
-            continue
-        if key not in SWEEPABLE:
-            raise ConfigError(f"{key} cannot be swept: the sweep shares one teacher and data set; "
-                              f"sweepable keys: {', '.join(SWEEPABLE)}")
-        grid[key] = [v.strip() for v in text.split(",") if v.strip()]
-    return base, grid
-
-
-def point_name(point: dict[str, str]) -> str:
-    parts = [f"{SHORT_NAMES[k]}{v}" if k in SHORT_NAMES else f"{k.rsplit('.', 1)[-1]}={v}" for k, v in point.items()]
-    return "-".join(parts).replace("/", "_")
-
-
-def link(path: Path, target: Path) -> None:
-    """Make `path` a relative symlink to `target` (which may not exist yet)."""
-    rel = os.path.relpath(target, path.parent)
-    if path.is_symlink() and os.readlink(path) == rel:
-        return
-    if path.exists() or path.is_symlink():
-        raise ConfigError(f"{path} exists and is not a link to {target}; use another run.dir")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.symlink_to(rel, target_is_directory=True)
-
-
-def sweep_steps(preset: str, base_overrides: list[str], grid: dict[str, list[str]]) -> list[Step]:
-    """The pipeline's head once, then the grid as one array of KD students sharing its teacher.
-
-    A KD student reads its teacher and logits cache from its own run dir, so each point's dir
-    gets symlinks to the shared ones. The cache holds views augmented with the seed, so each
-    distinct seed gets its own cache (cheap: forward passes of the one teacher); a point with
-    the teacher's seed uses the pipeline's own cache.
-    """
-    base = load_config(preset, base_overrides)
-    points = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
-    names = [point_name(p) for p in points]
-    if len(set(names)) != len(names):
-        raise ConfigError(f"sweep points with the same name: {', '.join(sorted(names))}")
-    caches: dict[int, Step] = {}
-    configs: list[Config] = []
-    for point, name in zip(points, names):
-        cfg = load_config(preset, [*base_overrides, *(f"{k}={v}" for k, v in point.items()),
-                                   f"run.dir={base.run_dir / 'sweep' / name}"])
-        link(cfg.run_dir / "teacher", base.run_dir / "teacher")
-        if cfg.kd.teacher == "cached":
-            caches.setdefault(cfg.seed, cache_step(preset, base_overrides, base, cfg.seed))
-            link(cfg.run_dir / "teacher-logits", caches[cfg.seed].configs[0].run_dir / "teacher-logits")
-        configs.append(cfg)
-    # As in the pipeline, the students wait for the caches: then no two jobs of the sweep
-    # ever work in the same run dir at once.
-    heads = [s.key for s in caches.values()] or ["train-teacher"]
-    # The report waits for every student to end, completed or not (afterany), but only runs
-    # once the teacher and the caches succeeded (afterok): a failed point leaves a hole in the
-    # grid, which the report names, not a sweep without a report.
-    return [*pipeline_steps(base, ["prepare-data", "train-teacher"]), *caches.values(),
-            Step("student-normal", "train-student", [base], mode="normal", after=heads),
-            Step("student-kd", "train-student", configs, mode="kd", after=heads, names=names),
-            Step("report", "report", [base], after=heads, after_any=["student-normal", "student-kd"],
-                 points={n: str(c.run_dir) for n, c in zip(names, configs)})]
-
-
-def cache_step(preset: str, base_overrides: list[str], base: Config, seed: int) -> Step:
-    if seed == base.seed:
-        return Step("cache-logits", "cache-logits", [base], after=["train-teacher"])
-    run_dir = base.run_dir / "sweep-caches" / f"seed{seed}"
-    link(run_dir / "teacher", base.run_dir / "teacher")
-    cfg = load_config(preset, [*base_overrides, f"seed={seed}", f"run.dir={run_dir}"])
-    return Step(f"cache-logits-seed{seed}", "cache-logits", [cfg], after=["train-teacher"])
 
 
 # -- submission -------------------------------------------------------------------------
@@ -506,7 +167,7 @@ def stage_job(step: Step, cfg: Config) -> StageJob:
     gpus = step.resources.gpus_on_node()
     if step.points:
         return SweepReportJob(job_config(cfg, gpus), step.points)
-    return StageJob(job_config(cfg, gpus), step.stage, step.mode, gpus)
+    return StageJob(job_config(cfg, gpus), step.stage.command, step.mode, gpus)
 
 
 def submit_step(step: Step, log_dir: Path, after_ok: list[str], after_any: list[str], hold: bool
@@ -536,7 +197,7 @@ def submit(steps: list[Step], log_dir: Path, hold: bool = False) -> list[Submitt
     except BaseException as e:
         cancel([s.job_id for s in done.values()])  # no half chain left in the queue
         if isinstance(e, FailedJobError | FailedSubmissionError | OSError | subprocess.SubprocessError):
-            raise SubmissionError(f"submitting {step.key} (slurm.{RESOURCES[step.stage]}) failed, nothing is "
+            raise SubmissionError(f"submitting {step.key} (slurm.{step.stage.resources}) failed, nothing is "
                                   f"left queued:\n{str(e).strip()}") from None
         raise
     return list(done.values())
@@ -547,14 +208,19 @@ def cancel(job_ids: list[str]) -> None:
         subprocess.run(["scancel", *job_ids], capture_output=True, check=False, timeout=60)
 
 
+def report_of(run_dir: Path) -> Path:
+    return run_dir / REPORT.name / "report.md"
+
+
 def write_record(kind: str, cfg: Config, subs: list[Submitted], log_dir: Path) -> Path:
     """A JSON record of the submission: job ids, dependencies and logs; `status` re-attaches
     to the chain through it."""
     record = {
         "kind": kind, "preset": cfg.preset, "run_dir": str(cfg.run_dir), "log_dir": str(log_dir),
-        "report": str(cfg.run_dir / "report" / "report.md"),
+        "report": str(report_of(cfg.run_dir)),
         "submitted_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "jobs": [{"key": s.step.key, "stage": s.step.stage, "mode": s.step.mode, "job_id": s.job_id,
+        # "stage": the job's command, as records have named it since before kd_ddp.stages
+        "jobs": [{"key": s.step.key, "stage": s.step.stage.command, "mode": s.step.mode, "job_id": s.job_id,
                   "depends_on": s.depends_on, "depends_on_any": s.depends_on_any,
                   "after": s.step.after, "after_any": s.step.after_any, "log": str(s.log(0)),
                   "tasks": s.step.resources.world_size,
@@ -581,65 +247,6 @@ def print_submission(subs: list[Submitted], record: Path, hold: bool) -> None:
         held = [s.job_id for s in subs if not (s.depends_on or s.depends_on_any)]
         print(f"held: start the chain with `scontrol release {' '.join(held)}`")
     print(f"cancel: scancel {' '.join(s.job_id for s in subs)}", flush=True)
-
-
-# -- paths the jobs need ----------------------------------------------------------------
-
-
-def absolute_paths(preset: str, overrides: list[str]) -> list[str]:
-    """Overrides pinning every path the jobs use to where it is from here: the jobs run in
-    another directory, and $HOME or $KD_DDP_CACHE may differ on the nodes."""
-    cfg = load_config(preset, overrides)
-    pins = [f"run.dir={cfg.run_dir.expanduser().resolve()}",
-            f"data.cache_dir={cfg.cache_dir.expanduser().resolve()}"]
-    if cfg.data.source != "synthetic":
-        pins.append(f"data.root={Path(cfg.data.root).expanduser().resolve()}")
-    if cfg.slurm.log_dir:
-        pins.append(f"slurm.log_dir={Path(cfg.slurm.log_dir).expanduser().resolve()}")
-    if cfg.model.python_path:  # a user's model module, imported by every task
-        pins.append("model.python_path=" + ",".join(str(Path(d).expanduser().resolve()) for d in cfg.model.python_path))
-    if cfg.model.teacher_checkpoint:
-        pins.append(f"model.teacher_checkpoint={Path(cfg.model.teacher_checkpoint).expanduser().resolve()}")
-    return pins
-
-
-def log_dir_of(cfg: Config) -> Path:
-    return Path(cfg.slurm.log_dir or cfg.run_dir / "slurm").resolve()
-
-
-def check_paths(cfg: Config, needs_data: bool) -> list[str]:
-    """Refuse (ConfigError) what the jobs cannot do without; return warnings for the rest:
-    paths on a filesystem only this node sees."""
-    from kd_ddp.doctor import node_local
-    from kd_ddp.models import check_models
-    from kd_ddp.train import provisional_classes
-
-    root = Path(cfg.data.root)
-    if needs_data and cfg.data.source != "synthetic" and not root.exists():
-        raise ConfigError(f"data.root {root} does not exist (the jobs read it at this same path)")
-    if needs_data:  # a bad model name, module or output shape: refused here, not in a job hours later
-        check_models(cfg, ["teacher", "student"], provisional_classes(cfg))
-    if needs_data and cfg.model.teacher_checkpoint and not Path(cfg.model.teacher_checkpoint).is_file():
-        raise ConfigError(f"model.teacher_checkpoint {cfg.model.teacher_checkpoint} does not exist")
-    if needs_data and cfg.data.loader == "ffcv" and not cfg.slurm.python:
-        try:
-            import ffcv  # noqa: F401
-        except Exception as e:
-            raise ConfigError(f"data.loader=ffcv but FFCV does not import in {sys.executable}, the jobs' Python "
-                              f"({type(e).__name__}: {e}); install kd-ddp[ffcv] or use data.loader=auto or torch"
-                              ) from None
-    paths = {"run.dir": cfg.run_dir, "data cache (data.cache_dir)": cfg.cache_dir, "log dir": log_dir_of(cfg)}
-    if cfg.data.source != "synthetic":
-        paths["data.root"] = root
-    if not cfg.slurm.python:
-        paths["the jobs' Python"] = Path(sys.executable)
-    warnings = []
-    for what, path in paths.items():
-        fstype = node_local(path)
-        if fstype:
-            warnings.append(f"{what} {path} is on {fstype}, which only this node sees: jobs on other nodes "
-                            "will not find it")
-    return warnings
 
 
 # -- waiting ----------------------------------------------------------------------------
@@ -804,12 +411,12 @@ def wait(record: dict[str, Any], poll_s: float, notice_s: float) -> dict[str, st
 
 def finish(record: dict[str, Any], states: dict[str, str]) -> int:
     """The closing line: where the report is, and whether everything completed (0) or not (1)."""
-    report = Path(record.get("report") or Path(record["run_dir"]) / "report" / "report.md")
+    report = Path(record.get("report") or report_of(Path(record["run_dir"])))
     not_done = [label for label, state in states.items() if state != "COMPLETED"]
     if not not_done:
         print(f"{record['kind']} finished: report in {report}", flush=True)
         return 0
-    report_state = states.get("report")
+    report_state = states.get(REPORT.step)
     if report_state == "COMPLETED":
         print(f"{record['kind']} ended with {len(not_done)} job(s) that did not complete ({', '.join(not_done)}); "
               f"report of the rest in {report}", flush=True)
@@ -853,12 +460,12 @@ def show_status(record: dict[str, Any]) -> int:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m launch.slurm", description=__doc__.splitlines()[0])
-    p.add_argument("command", choices=("pipeline", "sweep", "status"))
+    p.add_argument("command", choices=COMMANDS)
     p.add_argument("--preset", default="quick", help="smoke | quick | seed (default: quick)")
     p.add_argument("--wait", action="store_true", help="follow the jobs; exit 1 naming the stage that failed")
     p.add_argument("--hold", action="store_true", help="submit the chain held (start it with scontrol release)")
     p.add_argument("--stages", default="all", help="pipeline only: comma-separated subset of "
-                   f"{','.join(PIPELINE_STEPS)} (train-student = both students); default all")
+                   f"{','.join(STEPS)} ({STUDENT_KD.command} = both students); default all")
     p.add_argument("--poll-s", type=float, default=10.0, help="--wait: seconds between sacct calls")
     p.add_argument("--pending-notice-s", type=float, default=300.0,
                    help="--wait: print why a job is pending once it has been for this long (default 300)")
@@ -868,23 +475,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def plan(args: argparse.Namespace) -> tuple[Config, list[Step]]:
-    overrides, grid = split_grid(expand_wildcards(args.overrides))
-    if args.command == "pipeline" and grid:
-        raise ConfigError(f"{', '.join(grid)}: several values are for `sweep`, not `pipeline`")
-    if args.command == "sweep" and not grid:
-        raise ConfigError("nothing to sweep: give at least one key=v1,v2,... (e.g. kd.alpha=0.1,0.5,0.9)")
-    if args.command == "sweep" and args.stages != "all":
-        raise ConfigError("--stages is for `pipeline` only")
-    # Absolute paths: the record and the logs name them, symlinks are made relative to the run
-    # dir, and the jobs run elsewhere.
-    overrides += absolute_paths(args.preset, overrides)
-    cfg = load_config(args.preset, overrides)
-    stages = parse_stages(args.stages) if args.command == "pipeline" else list(PIPELINE_STEPS)
-    for warning in check_paths(cfg, needs_data=stages != ["report"]):  # before a sweep makes its dirs
-        print(f"launch.slurm: warning: {warning}", file=sys.stderr)
-    if args.command == "pipeline":
-        return cfg, pipeline_steps(cfg, stages)
-    return cfg, sweep_steps(args.preset, overrides, grid)
+    return plan_submission(args.command, args.preset, args.stages, args.overrides, warn=print_warning)
+
+
+def print_warning(text: str) -> None:
+    print(f"launch.slurm: warning: {text}", file=sys.stderr)
 
 
 def follow(record: dict[str, Any], args: argparse.Namespace, record_path: Path) -> int:

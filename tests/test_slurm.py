@@ -1,7 +1,9 @@
 """The Slurm launchers against a real Slurm: the dev cluster of slurm/dev-cluster, no mocks.
 
 A session fixture starts a private cluster (slurmctld, slurmd, slurmdbd + MariaDB) in a tmp
-STATE_DIR and stops it at the end. Every job is the smoke preset on synthetic data.
+STATE_DIR and stops it at the end. Every job is the smoke preset on synthetic data. The
+launcher's parts that need no cluster are tested where Slurm is missing too:
+tests/test_slurm_plan.py (the planner), tests/test_slurm_submit.py (the watcher's rules).
 """
 
 from __future__ import annotations
@@ -23,9 +25,7 @@ from typing import Any
 
 import pytest
 
-from kd_ddp.config import ConfigError, load_config
 from launch import ports
-from launch.slurm import Step, absolute_paths, check_paths, expand_wildcards, point_name, split_grid, sweep_steps
 
 REPO = Path(__file__).resolve().parents[1]
 DEV_CLUSTER = REPO / "slurm" / "dev-cluster"
@@ -101,61 +101,6 @@ def by_key(record: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 def common(run_dir: Path, cache_dir: Path) -> list[str]:
     return [f"run.dir={run_dir}", f"data.cache_dir={cache_dir}", *COMMON]
-
-
-# -- the planner, without a cluster -----------------------------------------------------
-
-
-@pytest.mark.fast
-def test_sweep_grid_and_plan(tmp_path: Path) -> None:
-    base, grid = split_grid(["kd.alpha=0.1,0.9", "seed=0,1", "tracking.wandb.tags=a,b", "optim.epochs=3",
-                             "slurm.teacher.extra=--mail-type=END,FAIL"])
-    # list and text fields keep their commas
-    assert base == ["tracking.wandb.tags=a,b", "optim.epochs=3", "slurm.teacher.extra=--mail-type=END,FAIL"]
-    assert grid == {"kd.alpha": ["0.1", "0.9"], "seed": ["0", "1"]}
-    assert point_name({"kd.alpha": "0.5", "kd.temperature": "4", "seed": "0"}) == "a0.5-t4-s0"
-    with pytest.raises(ValueError, match="cannot be swept"):
-        split_grid(["model.teacher_width=8,16"])  # would need another teacher
-    assert expand_wildcards(["slurm.*.cpus_per_task=1"])[:2] == ["slurm.prepare_data.cpus_per_task=1",
-                                                                  "slurm.teacher.cpus_per_task=1"]
-
-    steps: list[Step] = sweep_steps("smoke", [f"run.dir={tmp_path}"], grid)
-    assert [(s.key, s.after) for s in steps] == [
-        ("prepare-data", []), ("train-teacher", ["prepare-data"]),
-        ("cache-logits", ["train-teacher"]), ("cache-logits-seed1", ["train-teacher"]),
-        ("student-normal", ["cache-logits", "cache-logits-seed1"]),
-        ("student-kd", ["cache-logits", "cache-logits-seed1"]), ("report", ["cache-logits", "cache-logits-seed1"])]
-    # The report runs once every student ended, however (afterany), and names the missing points.
-    assert steps[-1].after_any == ["student-normal", "student-kd"]
-    assert list(steps[-1].points) == ["a0.1-s0", "a0.1-s1", "a0.9-s0", "a0.9-s1"]
-    kd = steps[5]
-    assert kd.names == ["a0.1-s0", "a0.1-s1", "a0.9-s0", "a0.9-s1"]
-    # One teacher for all; one logits cache per seed (its views are augmented with the seed).
-    point = tmp_path / "sweep" / "a0.9-s1"
-    assert (point / "teacher").resolve() == (tmp_path / "teacher").resolve()
-    assert (point / "teacher-logits").resolve() == (tmp_path / "sweep-caches" / "seed1" / "teacher-logits")
-    assert steps[3].configs[0].seed == 1 and kd.configs[3].kd.alpha == 0.9
-
-
-@pytest.mark.fast
-def test_model_paths_are_pinned_and_bad_models_refused_before_submission(tmp_path: Path,
-                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    """Jobs run in another directory: a user's model directory and an adopted teacher's file
-    are made absolute; a model that would fail in a job hours later is refused at submission."""
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "mods").mkdir()
-    (tmp_path / "mods" / "flat.py").write_text(
-        "import torch\n\ndef build(num_classes):\n    return torch.nn.Linear(3, num_classes)  # not for images\n")
-    pins = absolute_paths("smoke", ["model.python_path=mods", "model.teacher_checkpoint=t.pt"])
-    assert f"model.python_path={tmp_path / 'mods'}" in pins
-    assert f"model.teacher_checkpoint={tmp_path / 't.pt'}" in pins
-    cfg = load_config("smoke", [*pins, f"run.dir={tmp_path / 'run'}", f"data.cache_dir={tmp_path / 'c'}",
-                                "model.student=flat:build"])
-    with pytest.raises(ConfigError, match="flat:build"):
-        check_paths(cfg, needs_data=True)
-    cfg.model.student = "student_cnn"
-    with pytest.raises(ConfigError, match=f"model.teacher_checkpoint {tmp_path / 't.pt'} does not exist"):
-        check_paths(cfg, needs_data=True)
 
 
 # -- the pipeline: a chain of jobs, one of them with 2 tasks -----------------------------
