@@ -13,6 +13,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from kd_ddp import stages
+from kd_ddp.metrics_io import read_metrics
+
 REPO = Path(__file__).resolve().parents[1]
 DATA = ["--preset", "smoke", "data.synthetic_train=8192", "data.synthetic_test=1024",
         "model.teacher=teacher_cnn_lite", "model.teacher_width=32", "model.teacher_hidden=256",
@@ -33,8 +36,7 @@ def _summary(run_dir: Path, stage: str) -> dict[str, Any]:
 
 
 def _last_rate(run_dir: Path, stage: str) -> float:
-    rows = (run_dir / stage / "metrics.jsonl").read_text().splitlines()
-    return json.loads(rows[-1])["images_per_s"]
+    return read_metrics(run_dir / stage / "metrics.jsonl")[-1]["images_per_s"]
 
 
 def run(work: Path, cache_dir: Path) -> dict[str, Any]:
@@ -43,14 +45,14 @@ def run(work: Path, cache_dir: Path) -> dict[str, Any]:
         run_dir = work / f"ddp{nproc}"
         _kd_ddp(["train-teacher", *DATA, f"run.dir={run_dir}", f"data.cache_dir={cache_dir}", "train.threads=1"],
                 nproc)
-        rates[f"{nproc}x1"] = _last_rate(run_dir, "teacher")
+        rates[f"{nproc}x1"] = _last_rate(run_dir, stages.TEACHER.name)
     mem_dir = work / "mem"
     memory = {}
-    for stage, extra in (("train-teacher", []), ("cache-logits", []), ("train-student", ["--mode", "normal"]),
-                         ("train-student", ["--mode", "kd"])):
-        _kd_ddp([stage, *extra, *DATA, f"run.dir={mem_dir}", f"data.cache_dir={cache_dir}"])
-    for stage in ("teacher", "student-normal", "student-kd"):
-        memory[stage] = _summary(mem_dir, stage)["peak_rss_mb"]
+    for stage in stages.PIPELINE[1:-1]:  # one command per stage, from the teacher to the KD student
+        mode = ["--mode", stage.mode] if stage.mode else []
+        _kd_ddp([stage.command, *mode, *DATA, f"run.dir={mem_dir}", f"data.cache_dir={cache_dir}"])
+    for stage in stages.TRAINED:
+        memory[stage.name] = _summary(mem_dir, stage.name)["peak_rss_mb"]
     return {"images_per_s": rates, "speedup": rates["2x1"] / rates["1x1"], "peak_rss_mb": memory}
 
 

@@ -31,6 +31,8 @@ from typing import Any
 
 import torch
 
+from kd_ddp import stages
+from kd_ddp.metrics_io import read_metrics
 from kd_ddp.report import RUNS
 
 # What each time of the record includes (kd_ddp/cli.py and kd_ddp/train.py measure them).
@@ -94,7 +96,7 @@ def read_log(text: str) -> dict[str, Any]:
 def stage_record(run_dir: Path, sub: str, facts: dict[str, Any]) -> dict[str, Any]:
     """One stage's figures, each time named by what it includes (TIME_LEGEND)."""
     s = json.loads((run_dir / sub / "summary.json").read_text())
-    epochs = [json.loads(x) for x in (run_dir / sub / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    epochs = read_metrics(run_dir / sub / "metrics.jsonl")
     train_steps = sum(r["epoch_time_s"] for r in epochs)
     evals = sum(r.get("eval_time_s", 0.0) for r in epochs)
     row = {k: s.get(k) for k in ("train_time_s", "session_time_s", "images_per_s", "epochs", "amp", "loader",
@@ -143,9 +145,9 @@ def run(preset: str, archive: str, cache: Path, work: Path, nproc: int = 1, cold
 
 def record(run_dir: Path, log_text: str, wall: float, preset: str, nproc: int, cold: bool,
            overrides: list[str]) -> dict[str, Any]:
-    results = json.loads((run_dir / "report" / "results.json").read_text())
+    results = json.loads((run_dir / stages.REPORT.name / "results.json").read_text())
     facts = read_log(log_text)
-    cache_manifest = run_dir / "teacher-logits" / "manifest.json"
+    cache_manifest = run_dir / stages.CACHE.name / "manifest.json"
     return {
         "card": card_name(), "nproc": nproc, "preset": preset, "overrides": overrides,
         "wall_s": round(wall, 2), "pipeline_s": facts["pipeline_s"],

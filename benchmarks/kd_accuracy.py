@@ -15,6 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from kd_ddp import stages
 from kd_ddp.cli import cache_logits
 from kd_ddp.config import apply_overrides, from_dict, load_config
 from kd_ddp.data import prepare_data
@@ -31,24 +32,24 @@ def run(data_overrides: list[str], work: Path, seeds: tuple[int, ...] = (0, 1, 2
                                  "tracking.progress=false", *data_overrides])
     env = setup(base)
     data = prepare_data(base, env)
-    teacher = train_stage(base, env, data, "teacher")
+    teacher = train_stage(base, env, data, stages.TEACHER.name)
     rows = []
     for seed in seeds:
         row: dict[str, Any] = {"seed": seed}
         for mode in MODES:
             run_dir = work / f"seed{seed}-{mode}"
-            link(run_dir / "teacher", base.run_dir / "teacher")
+            link(run_dir / stages.TEACHER.name, base.run_dir / stages.TEACHER.name)
             cfg = apply_overrides(from_dict(base.to_dict()), [f"run.dir={run_dir}", f"seed={seed}",
                                                               f"kd.teacher={mode}"])
             if mode == "cached":
                 cache_logits(cfg, env, data)
-            summary = train_stage(cfg, env, data, "student-kd")
+            summary = train_stage(cfg, env, data, stages.STUDENT_KD.name)
             row[mode] = summary["test_acc"]
             row[f"{mode}_train_time_s"] = summary["train_time_s"]
         rows.append(row)
     return {
         "preset": "quick", "teacher_test_acc": teacher["test_acc"], "views": base.kd.views,
-        "student_epochs": base.epochs_for("student-kd"), "rows": rows,
+        "student_epochs": base.epochs_for(stages.STUDENT_ROLE), "rows": rows,
         **{m: mean_std([r[m] for r in rows]) for m in MODES},
         "cached_minus_live": mean_std([r["cached"] - r["live"] for r in rows]),
     }

@@ -8,28 +8,28 @@ The teacher is trained for one epoch only: its accuracy does not change its cost
 
 from __future__ import annotations
 
-import json
 import shutil
 import statistics
 import time
 from pathlib import Path
 from typing import Any
 
+from kd_ddp import stages
 from kd_ddp.cli import cache_logits
 from kd_ddp.config import Config, apply_overrides, from_dict, load_config
 from kd_ddp.data import prepare_data
 from kd_ddp.distributed import DistEnv, setup
+from kd_ddp.metrics_io import read_metrics
 from kd_ddp.train import train_stage
 
 
 def _epoch_times(run_dir: Path, stage: str) -> list[float]:
-    rows = [json.loads(x) for x in (run_dir / stage / "metrics.jsonl").read_text().splitlines()]
-    return [r["epoch_time_s"] for r in rows[1:]]
+    return [r["epoch_time_s"] for r in read_metrics(run_dir / stage / "metrics.jsonl")[1:]]
 
 
 def _student_run(cfg: Config, env: DistEnv, data: Any, stage: str, teacher_mode: str, work: Path) -> list[float]:
     run_dir = work / f"{stage}-{teacher_mode}-{time.monotonic_ns()}"
-    for sub in ("teacher", "teacher-logits"):
+    for sub in (stages.TEACHER.name, stages.CACHE.name):
         shutil.copytree(cfg.run_dir / sub, run_dir / sub)
     c = apply_overrides(from_dict(cfg.to_dict()), [f"run.dir={run_dir}", f"kd.teacher={teacher_mode}"])
     train_stage(c, env, data, stage)
@@ -44,15 +44,15 @@ def run(preset: str, overrides: list[str], work: Path, repeats: int = 2, epochs:
                                "tracking.progress=false", *overrides])
     env = setup(cfg)
     data = prepare_data(cfg, env)
-    train_stage(cfg, env, data, "teacher")
+    train_stage(cfg, env, data, stages.TEACHER.name)
     t0 = time.perf_counter()
     manifest = cache_logits(cfg, env, data)
     build_s = time.perf_counter() - t0
     samples: dict[str, list[float]] = {"normal": [], "kd_cached": [], "kd_live": []}
     for _ in range(repeats):  # interleaved, so drift in machine load hits all three alike
-        samples["normal"] += _student_run(cfg, env, data, "student-normal", "cached", work)
-        samples["kd_cached"] += _student_run(cfg, env, data, "student-kd", "cached", work)
-        samples["kd_live"] += _student_run(cfg, env, data, "student-kd", "live", work)
+        samples["normal"] += _student_run(cfg, env, data, stages.STUDENT_NORMAL.name, "cached", work)
+        samples["kd_cached"] += _student_run(cfg, env, data, stages.STUDENT_KD.name, "cached", work)
+        samples["kd_live"] += _student_run(cfg, env, data, stages.STUDENT_KD.name, "live", work)
     med = {k: statistics.median(v) for k, v in samples.items()}
     return {
         "preset": preset, "overrides": overrides,

@@ -11,7 +11,6 @@ FFCV's JIT compile). Both run as plain `python -m kd_ddp` processes with the sam
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import subprocess
@@ -21,8 +20,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from kd_ddp import stages
+from kd_ddp.metrics_io import read_metrics
+
 REPO = Path(__file__).resolve().parents[1]
-STAGES = ("teacher", "student-normal", "student-kd")
+STAGES = tuple(s.name for s in stages.TRAINED)  # the run-dir entries, the same in the baseline's tree
 
 
 def extract(rev: str, dest: Path) -> Path:
@@ -46,8 +48,7 @@ def _pipeline(src: Path, run_dir: Path, cache: Path, preset: str, archive: str, 
         raise RuntimeError(f"{src}: {' '.join(cmd)} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
     out = {}
     for stage in STAGES:
-        rows = [json.loads(x) for x in (run_dir / stage / "metrics.jsonl").read_text().splitlines()]
-        out[stage] = [r["epoch_time_s"] for r in rows[1:]]
+        out[stage] = [r["epoch_time_s"] for r in read_metrics(run_dir / stage / "metrics.jsonl")[1:]]
     return out
 
 

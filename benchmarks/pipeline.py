@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from kd_ddp import losses
+from kd_ddp import losses, stages
 from kd_ddp.config import Config, load_config
 from kd_ddp.data import prepare_data
 from kd_ddp.distributed import DistEnv, available_cores
@@ -102,10 +102,10 @@ def kd_ddp_pipeline(preset: str, archive: str, work: Path) -> dict[str, Any]:
     subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, text=True)
     total = time.perf_counter() - t0
     out: dict[str, Any] = {"total_s": total}
-    for key, stage in (("teacher", "teacher"), ("student_normal", "student-normal"), ("student_kd", "student-kd")):
-        s = json.loads((run_dir / stage / "summary.json").read_text())
-        out[key] = {"test_acc": s["test_acc"], "time_s": s["train_time_s"]}
-    out["cache_s"] = json.loads((run_dir / "teacher-logits" / "manifest.json").read_text())["build_time_s"]
+    for stage in stages.TRAINED:
+        s = json.loads((run_dir / stage.name / "summary.json").read_text())
+        out[stage.key] = {"test_acc": s["test_acc"], "time_s": s["train_time_s"]}
+    out["cache_s"] = json.loads((run_dir / stages.CACHE.name / "manifest.json").read_text())["build_time_s"]
     return out
 
 

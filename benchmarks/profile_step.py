@@ -19,7 +19,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from benchmarks import train_step
-from kd_ddp.train import make_model
+from kd_ddp import stages
+from kd_ddp.models import make_model
 
 
 def _profile(step: Callable[[], None], steps: int, title: str, rows: int) -> float:
@@ -54,7 +55,7 @@ def kd_step(model_name: str, width: int, live: bool, batch: int) -> Callable[[],
     them) or from a live forward of an (untrained: its cost is the same) teacher."""
     cfg, env, data = _setup(model_name, width, batch, "off")
     if live:
-        teacher = make_model(cfg, "teacher", data.num_classes, env).eval()
+        teacher = make_model(cfg, stages.TEACHER_ROLE, data.num_classes, env.device).eval()
 
         @torch.no_grad()
         def logits(x: torch.Tensor, idx: torch.Tensor, view: int) -> torch.Tensor:
@@ -64,7 +65,7 @@ def kd_step(model_name: str, width: int, live: bool, batch: int) -> Callable[[],
 
         def logits(x: torch.Tensor, idx: torch.Tensor, view: int) -> torch.Tensor:
             return table[idx]
-    return train_step.step_fn(cfg, env, data, "student-kd", logits)
+    return train_step.step_fn(cfg, env, data, stages.STUDENT_KD.name, logits)
 
 
 def main() -> None:

@@ -22,11 +22,14 @@ from typing import Any
 
 import torch
 
+from kd_ddp import stages
 from kd_ddp.cli import cache_logits
 from kd_ddp.config import Config, load_config
 from kd_ddp.data import PreparedData, prepare_data
 from kd_ddp.distributed import DistEnv, pick_device
-from kd_ddp.train import STAGES, TeacherLogits, Trainer, teacher_logits_source, train_stage
+from kd_ddp.metrics_io import read_metrics
+from kd_ddp.objectives import TeacherLogits, teacher_logits_source
+from kd_ddp.train import Trainer, train_stage
 
 CPU = torch.device("cpu")
 # name -> overrides of the variant
@@ -48,11 +51,10 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def step_fn(cfg: Config, env: DistEnv, data: PreparedData, stage: str = "teacher",
+def step_fn(cfg: Config, env: DistEnv, data: PreparedData, stage: str = stages.TEACHER.name,
             teacher: TeacherLogits | None = None) -> Callable[[], None]:
     """`Trainer.train_step` of `stage` on one batch of its own loader, held in memory."""
     trainer = Trainer(cfg, env, data, stage, teacher)
-    trainer.close()  # no SIGTERM handling needed outside fit()
     images, labels, idx = (t.clone() for t in next(iter(trainer.loader.epoch(0))))  # FFCV reuses its buffers
     trainer.net.train()
     return lambda: trainer.train_step(images, labels, idx, 0)
@@ -98,7 +100,7 @@ def run_steps(models: list[list[str]], cache_dir: Path, work: Path, steps: int =
 
 
 def _epoch_s(run_dir: Path, stage: str) -> float:
-    rows = [json.loads(x) for x in (run_dir / stage / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(run_dir / stage / "metrics.jsonl")
     return statistics.median(r["epoch_time_s"] for r in rows[1:])  # after the first (FFCV's JIT, cuDNN choice)
 
 
@@ -111,12 +113,13 @@ def run_compute_limit(archive: str, cache_dir: Path, work: Path, epochs: int = 3
     env = DistEnv(device=pick_device(cfg.train.device, 0))
     data = prepare_data(cfg, env)
     rows = []
-    for stage in STAGES:
-        if stage == "student-kd":
+    for stage in (s.name for s in stages.TRAINED):
+        kd = stage == stages.STUDENT_KD.name
+        if kd:
             cache_logits(cfg, env, data)
         train_stage(cfg, env, data, stage)
         epoch_s = _epoch_s(work, stage)
-        teacher = teacher_logits_source(cfg, data, env, None)[0] if stage == "student-kd" else None
+        teacher = teacher_logits_source(cfg, data, env, None)[0] if kd else None
         step = step_fn(cfg, env, data, stage, teacher)
         steps = data.size("train") // cfg.optim.batch_size
         limit_s = steps * time_steps(step, min(steps, 30), env.device)

@@ -15,9 +15,13 @@ are written out for unsigned words below.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from kd_ddp.config import Config
 
 _U64 = (1 << 64) - 1
 _M1 = 0xBF58476D1CE4E5B9
@@ -116,3 +120,26 @@ def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
     x = (x - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     return x.contiguous(memory_format=fmt)
+
+
+@dataclass(frozen=True)
+class StudentInput:
+    """What turns a loader batch (NHWC uint8 images and their sample indices) into the
+    student's input for view `view`: crop + flip (`augment`, a pure function of seed, view
+    and index), then `normalize`. The training step and the logits cache both call it, so
+    the teacher's cached logits are those of the very pixels the student is given."""
+
+    seed: int
+    padding: int
+    flip: bool
+    mean: torch.Tensor
+    std: torch.Tensor
+    channels_last: bool
+
+    @classmethod
+    def of(cls, cfg: Config, mean: torch.Tensor, std: torch.Tensor) -> StudentInput:
+        return cls(cfg.seed, cfg.data.crop_padding, cfg.data.flip, mean, std, cfg.train.channels_last)
+
+    def __call__(self, images: torch.Tensor, indices: torch.Tensor, view: int) -> torch.Tensor:
+        views = augment(images, indices, seed=self.seed, view=view, padding=self.padding, flip=self.flip)
+        return normalize(views, self.mean, self.std, self.channels_last)

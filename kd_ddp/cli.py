@@ -17,9 +17,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from kd_ddp import distributed, tracking
+from kd_ddp import distributed, stages, tracking
 from kd_ddp.checkpoint import NO_SPACE_HINT, CheckpointError, NoSpaceError, atomic_write_json
-from kd_ddp.config import Config, ConfigError, config_yaml, load_config
+from kd_ddp.config import PRESETS, Config, ConfigError, config_yaml, load_config
 from kd_ddp.data import prepare_data
 from kd_ddp.locks import (
     BaseFileLock,
@@ -30,14 +30,14 @@ from kd_ddp.locks import (
     soft_locks,
     wait_bound,
 )
+from kd_ddp.precision import amp_dtype
+from kd_ddp.preflight import preflight
 from kd_ddp.sources import DataError
 from kd_ddp.teacher_logits import CacheError, build_cache, cache_lock, check_cache
-from kd_ddp.train import NonFiniteLoss, Preempted, amp_dtype, load_trained_teacher, preflight, train_stage
+from kd_ddp.teachers import load_trained_teacher
+from kd_ddp.train import NonFiniteLoss, Preempted, train_stage
 
 log = logging.getLogger("kd_ddp")
-
-STAGE_COMMANDS = ("prepare-data", "train-teacher", "cache-logits", "train-student", "report", "pipeline")
-
 
 def setup_logging(rank: int) -> None:
     logging.basicConfig(
@@ -73,17 +73,15 @@ USER_ERRORS = (ConfigError, DataError, CacheError, CheckpointError, NoSpaceError
                LockUnsupported, LockWaitTimeout, OtherRankFailed)
 
 
-def lock_names(stage: str, mode: str) -> list[str]:
-    """The locks a stage takes: its own, so that different stages of one run dir (the Slurm
-    chain's two students) run side by side; `pipeline` takes the run dir's and every stage's.
+def lock_names(command: str, mode: str) -> list[str]:
+    """The locks a command takes: its stage's own, so that different stages of one run dir (the
+    Slurm chain's two students) run side by side; `pipeline` takes the run dir's and every stage's.
     What two stages share has a lock of its own, taken while it is used: the logits cache's
     (teacher_logits.cache_lock), held by cache-logits while it checks and builds the cache and
     by a KD student while it reads it, in whichever run dir each runs (a sweep point links to
     the cache it reads)."""
-    if stage == "pipeline":
-        return ["", "prepare-data", "train-teacher", "cache-logits", "train-student-normal", "train-student-kd",
-                "report"]
-    return [f"train-student-{mode}" if stage == "train-student" else stage]
+    held = [stage.lock for stage in stages.of_command(command, mode)]
+    return [stages.RUN_DIR_LOCK, *held] if command == stages.ALL_COMMAND else held
 
 
 def make_run_dir(run_dir: Path) -> None:
@@ -96,19 +94,19 @@ def make_run_dir(run_dir: Path) -> None:
         raise ConfigError(f"cannot create run.dir {run_dir}: {e.strerror}") from None
 
 
-def set_up(cfg: Config, env: distributed.DistEnv, stage: str, mode: str, locks: list[BaseFileLock]) -> None:
+def set_up(cfg: Config, env: distributed.DistEnv, command: str, mode: str, locks: list[BaseFileLock]) -> None:
     """The checks and claims before any work. Every rank: the models and the teacher file, before
     any data is prepared. Rank 0: W&B (a missing API key fails here, not after an epoch), the run
     dir, its locks (into `locks`, so the caller releases them whatever happens), the config."""
-    preflight(cfg, env, stage, mode)
+    preflight(cfg, env, command, mode)
     soft_locks()  # a bad KD_DDP_LOCKS or KD_DDP_LOCK_WAIT_S is refused on every rank, before any lock
     wait_bound()
     if env.is_main:
         tracking.preflight(cfg)
         make_run_dir(cfg.run_dir)
-        for name in lock_names(stage, mode):
+        for name in lock_names(command, mode):
             locks.append(lock_run_dir(cfg.run_dir, name))
-        atomic_write_json(cfg.run_dir / f"config.{stage}.json", cfg.to_dict())
+        atomic_write_json(cfg.run_dir / f"config.{command}.json", cfg.to_dict())
 
 
 def failure_message(error: Exception, rank: int) -> str:
@@ -127,12 +125,12 @@ def share_failure(error: Exception | None, env: distributed.DistEnv) -> None:
                 raise OtherRankFailed(message)
 
 
-def set_up_together(cfg: Config, env: distributed.DistEnv, stage: str, mode: str,
+def set_up_together(cfg: Config, env: distributed.DistEnv, command: str, mode: str,
                     locks: list[BaseFileLock]) -> None:
     """set_up on every rank, ending every rank if it failed on any. Not KeyboardInterrupt: each
     rank gets its own SIGINT, and a rank held in a collective could not take it."""
     try:
-        set_up(cfg, env, stage, mode, locks)
+        set_up(cfg, env, command, mode, locks)
     except Exception as e:
         # The rank's own error is what it reports, even if the others can no longer be told.
         with contextlib.suppress(Exception):
@@ -141,55 +139,72 @@ def set_up_together(cfg: Config, env: distributed.DistEnv, stage: str, mode: str
     share_failure(None, env)
 
 
-def run_stage(cfg: Config, stage: str, mode: str = "kd", wandb_report: bool = False,
+def run_stage(cfg: Config, command: str, mode: str = "kd", wandb_report: bool = False,
               push_wandb_report: bool = False) -> dict[str, Any]:
-    """Run one stage (or the whole pipeline) in this process, which may be one rank of many.
+    """Run a command's stages (one, or all for `pipeline`) in this process, which may be one
+    rank of many.
 
-    `wandb_report` / `push_wandb_report` (report stage only): build the W&B report (saved
-    when online with an API key, else its spec JSON beside report.md) / push a saved spec.
+    `wandb_report` / `push_wandb_report` (report only): build the W&B report (saved when
+    online with an API key, else its spec JSON beside report.md) / push a saved spec.
     """
     env = distributed.setup(cfg)
     setup_logging(env.rank)
     locks: list[BaseFileLock] = []
     try:
-        set_up_together(cfg, env, stage, mode, locks)
+        set_up_together(cfg, env, command, mode, locks)
         start = time.perf_counter()
-        result: dict[str, Any] = {}
-        if stage == "report":
-            if env.is_main:
-                from kd_ddp.report import build_report
-                result = build_report(cfg)
-                if wandb_report:
-                    from kd_ddp.wandb_report import publish
-                    result["wandb_report"] = publish(cfg, result)
-                if push_wandb_report:
-                    from kd_ddp.wandb_report import push_spec
-                    result["wandb_report_url"] = push_spec(cfg)
-            return result
-        data = prepare_data(cfg, env)
-        if stage in ("train-teacher", "pipeline"):
-            result["teacher"] = train_stage(cfg, env, data, "teacher")
-        if stage == "cache-logits" or (stage == "pipeline" and cfg.kd.teacher == "cached"):
-            result["cache"] = cache_logits(cfg, env, data)
-        if stage == "pipeline" or (stage == "train-student" and mode == "normal"):
-            result["student_normal"] = train_stage(cfg, env, data, "student-normal")
-        if stage == "pipeline" or (stage == "train-student" and mode == "kd"):
-            result["student_kd"] = train_stage(cfg, env, data, "student-kd")
-        if stage == "pipeline" and env.is_main:
-            from kd_ddp.report import build_report
-            result["report"] = build_report(cfg)
-            r = result["report"]
-            print(f"teacher        test_acc {r['teacher']['test_acc']:.4f}\n"
-                  f"student normal test_acc {r['student_normal']['test_acc']:.4f}\n"
-                  f"student KD     test_acc {r['student_kd']['test_acc']:.4f}\n"
-                  f"report: {cfg.run_dir / 'report' / 'report.md'}", flush=True)
+        if command == stages.REPORT.command:
+            return report_only(cfg, env, wandb_report, push_wandb_report)
+        result = run_stages(cfg, env, command, mode)
         if env.is_main:
-            log.info("%s finished in %.1f s", stage, time.perf_counter() - start)
+            log.info("%s finished in %.1f s", command, time.perf_counter() - start)
         return result
     finally:
         for lock in locks:
             lock.release()
         distributed.teardown()
+
+
+def run_stages(cfg: Config, env: distributed.DistEnv, command: str, mode: str) -> dict[str, Any]:
+    """Prepare the data, then each stage of the command in order; their results by key."""
+    data = prepare_data(cfg, env)
+    result: dict[str, Any] = {}
+    for stage in stages.of_command(command, mode):
+        if stage.trains:
+            result[stage.key] = train_stage(cfg, env, data, stage.name)
+        elif stage is stages.CACHE and (command == stage.command or cfg.kd.teacher == "cached"):
+            result["cache"] = cache_logits(cfg, env, data)  # a pipeline with a live teacher needs none
+        elif stage is stages.REPORT and env.is_main:
+            result["report"] = report_and_print(cfg)
+    return result
+
+
+def report_and_print(cfg: Config) -> dict[str, Any]:
+    """The pipeline's last stage: the report, and the three accuracies on stdout."""
+    from kd_ddp.report import build_report
+
+    results = build_report(cfg)
+    width = max(len(s.label) for s in stages.TRAINED)
+    for stage in stages.TRAINED:
+        print(f"{stage.label:<{width}}  test_acc {results[stage.key]['test_acc']:.4f}")
+    print(f"report: {cfg.run_dir / stages.REPORT.name / 'report.md'}", flush=True)
+    return results
+
+
+def report_only(cfg: Config, env: distributed.DistEnv, wandb_report: bool, push: bool) -> dict[str, Any]:
+    """`kd-ddp report`: rank 0 builds the report from the run dir alone (and the W&B report)."""
+    if not env.is_main:
+        return {}
+    from kd_ddp.report import build_report
+
+    result = build_report(cfg)
+    if wandb_report:
+        from kd_ddp.wandb_report import publish
+        result["wandb_report"] = publish(cfg, result)
+    if push:
+        from kd_ddp.wandb_report import push_spec
+        result["wandb_report_url"] = push_spec(cfg)
+    return result
 
 
 CONFIG_HELP = """configuration:
@@ -211,12 +226,14 @@ def print_config(cfg: Config, fmt: str) -> None:
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Config]:
     p = argparse.ArgumentParser(prog="kd-ddp", description=__doc__.splitlines()[0], epilog=CONFIG_HELP,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("stage", choices=(*STAGE_COMMANDS, "config", "doctor"))
-    p.add_argument("--preset", default=None, help="smoke | quick | seed (default: the --config file's, else quick)")
+    p.add_argument("stage", metavar="command", choices=(*stages.COMMANDS, "config", "doctor"),
+                   help=" | ".join((*stages.COMMANDS, "config", "doctor")))
+    p.add_argument("--preset", default=None,
+                   help=f"{' | '.join(PRESETS)} (default: the --config file's, else quick)")
     p.add_argument("--config", metavar="FILE", help="JSON or YAML config (kd-ddp config prints one); "
                                                     "the overrides apply over it")
     p.add_argument("--format", choices=("yaml", "json"), default="yaml", help="config only: output format")
-    p.add_argument("--mode", choices=("normal", "kd"), default="kd", help="train-student only")
+    p.add_argument("--mode", choices=stages.MODES, default="kd", help="train-student only")
     p.add_argument("--wandb-report", action="store_true",
                    help="report only: build the W&B report (saved if online with an API key, "
                         "else written as report/wandb_report.json)")

@@ -27,6 +27,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kd_ddp.stages import ROLES, TEACHER_ROLE
+
+
+def _is_teacher(role: str) -> bool:
+    """A role's name checked: a stage name passed by mistake (`student-kd`) fails loudly."""
+    if role not in ROLES:
+        raise ValueError(f"{role!r} is not a role; roles: {', '.join(ROLES)}")
+    return role == TEACHER_ROLE
+
 
 class ConfigError(ValueError):
     """A user error in the configuration: printed as a message, never as a traceback."""
@@ -296,17 +305,19 @@ class Config:
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
 
     # -- derived values -------------------------------------------------------------
-    def epochs_for(self, stage: str) -> int:
-        specific = self.optim.teacher_epochs if stage == "teacher" else self.optim.student_epochs
+    # Per role (stages.ROLES: the teacher's fields, or the students' shared ones), each falling
+    # back to the common optim field when its own is unset.
+    def epochs_for(self, role: str) -> int:
+        specific = self.optim.teacher_epochs if _is_teacher(role) else self.optim.student_epochs
         return specific if specific > 0 else self.optim.epochs
 
-    def warmup_for(self, stage: str) -> float:
-        if stage != "teacher" and self.optim.student_warmup_epochs >= 0:
+    def warmup_for(self, role: str) -> float:
+        if not _is_teacher(role) and self.optim.student_warmup_epochs >= 0:
             return self.optim.student_warmup_epochs
         return self.optim.warmup_epochs
 
-    def lr_for(self, stage: str) -> float:
-        if stage != "teacher" and self.optim.student_lr > 0:
+    def lr_for(self, role: str) -> float:
+        if not _is_teacher(role) and self.optim.student_lr > 0:
             return self.optim.student_lr
         return self.optim.lr
 

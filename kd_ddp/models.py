@@ -412,3 +412,24 @@ def model_facts(model: nn.Module, image_size: int) -> dict[str, int]:
         model.train(was_training)
     return {"params": sum(p.numel() for p in model.parameters()), "macs_per_image": counter.get_total_flops() // 2}
 
+
+
+def make_model(cfg: Config, role: str, num_classes: int, device: torch.device) -> nn.Module:
+    """The model of `role` on `device`, in the training memory format, with the same initial
+    weights on every rank (seeded by cfg.seed)."""
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg, role, num_classes).to(device)
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def use_sync_bn(cfg: Config, device: torch.device, world_size: int) -> bool:
+    """Whether BatchNorm layers become SyncBatchNorm (train.sync_bn, with more than one rank);
+    refused on CPUs, where torch's SyncBatchNorm does not run."""
+    if not cfg.train.sync_bn or world_size == 1:
+        return False
+    if device.type != "cuda":
+        raise ConfigError(f"train.sync_bn=true needs CUDA devices: torch's SyncBatchNorm does not run on "
+                          f"{device.type} ({world_size} ranks here); drop it, or train on GPUs")
+    return True

@@ -44,22 +44,24 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from kd_ddp import tracking  # noqa: E402
+from kd_ddp import stages, tracking  # noqa: E402
 from kd_ddp.checkpoint import atomic_write_bytes, atomic_write_json  # noqa: E402
 from kd_ddp.config import Config  # noqa: E402
+from kd_ddp.metrics_io import read_metrics  # noqa: E402
 
 log = logging.getLogger(__name__)
 
-RUNS = {"teacher": "teacher", "student_normal": "student-normal", "student_kd": "student-kd"}
+RUNS = {s.key: s.name for s in stages.TRAINED}  # result key -> run-dir entry
 SEEDS_DIR, SWEEP_DIR, VARIANTS_DIR = "seeds", "sweep", "variants"
-LABELS = {"teacher": "Teacher (CE)", "student_normal": "Student (MSE, normal)", "student_kd": "Student (KD)"}
+LABELS = {s.key: s.label for s in stages.TRAINED}
+KD, NORMAL = stages.STUDENT_KD.key, stages.STUDENT_NORMAL.key
 
 
 def _read_run(d: Path) -> dict[str, Any] | None:
     summary = d / "summary.json"
     if not summary.is_file():
         return None
-    metrics = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    metrics = read_metrics(d / "metrics.jsonl")
     return {"summary": json.loads(summary.read_text()), "metrics": metrics}
 
 
@@ -127,8 +129,8 @@ def collect_seeds(run_dir: Path) -> dict[str, dict[str, Any]]:
         for key, r in runs.items():
             samples.setdefault(key, []).append(r["summary"]["test_acc"])
             times.setdefault(key, []).append(r["summary"]["train_time_s"])
-        if "student_kd" in runs and "student_normal" in runs:
-            gaps.append(runs["student_kd"]["summary"]["test_acc"] - runs["student_normal"]["summary"]["test_acc"])
+        if KD in runs and NORMAL in runs:
+            gaps.append(runs[KD]["summary"]["test_acc"] - runs[NORMAL]["summary"]["test_acc"])
     stats = {k: mean_std(v) | {"train_time_s": statistics.fmean(times[k])} for k, v in samples.items() if len(v) >= 2}
     if len(gaps) >= 2:
         stats["kd_minus_normal"] = mean_std(gaps)
@@ -138,7 +140,7 @@ def collect_seeds(run_dir: Path) -> dict[str, dict[str, Any]]:
 def _kd_summaries(d: Path) -> list[tuple[str, dict[str, Any]]]:
     """(name, summary) of every finished KD student under `d/<name>/`, in name order."""
     return [(path.parents[1].name, json.loads(path.read_text()))
-            for path in sorted(d.glob("*/student-kd/summary.json"))]
+            for path in sorted(d.glob(f"*/{stages.STUDENT_KD.name}/summary.json"))]
 
 
 def collect_variants(run_dir: Path) -> list[dict[str, Any]]:
@@ -279,7 +281,7 @@ def _header(cfg: Config, results: dict[str, Any]) -> list[str]:
     its summary, so a report rebuilt under another config still says what was trained."""
     data = Path(cfg.data.root).name if cfg.data.root else f"{cfg.data.source} data"
     line = f"Preset `{cfg.preset}`, seed {cfg.seed}."
-    kd = results.get("student_kd", {}).get("kd")
+    kd = results.get(KD, {}).get("kd")
     if kd:
         line += f" KD student: {kd_sentence(kd)}."
     return [f"# Knowledge distillation on {data}: teacher vs students", "", line, ""]
@@ -292,16 +294,16 @@ def _results(cfg: Config, runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
         results[key] = {"test_acc": s["test_acc"], "test_loss": s["test_loss"], "epochs": s["epochs"],
                         "train_time_s": s["train_time_s"], "images_per_s": s["images_per_s"]}
         results[key] |= {k: s[k] for k in ("model", "adopted_from") if k in s}
-    if "student_kd" in results and "student_normal" in results:
-        results["kd_minus_normal"] = results["student_kd"]["test_acc"] - results["student_normal"]["test_acc"]
-    kd = kd_facts(runs["student_kd"]["summary"]) if "student_kd" in runs else {}
+    if KD in results and NORMAL in results:
+        results["kd_minus_normal"] = results[KD]["test_acc"] - results[NORMAL]["test_acc"]
+    kd = kd_facts(runs[KD]["summary"]) if KD in runs else {}
     if kd:
-        results["student_kd"]["kd"] = kd
+        results[KD]["kd"] = kd
     # alpha, T and the teacher as the KD student was trained; the config's only without one
     results["config"] = {"preset": cfg.preset, "seed": cfg.seed, "alpha": kd.get("alpha", cfg.kd.alpha),
                          "temperature": kd.get("temperature", cfg.kd.temperature),
                          "kd_teacher": kd.get("teacher", cfg.kd.teacher)}
-    cache_manifest = cfg.run_dir / "teacher-logits" / "manifest.json"
+    cache_manifest = cfg.run_dir / stages.CACHE.name / "manifest.json"
     if cache_manifest.is_file():
         m = json.loads(cache_manifest.read_text())
         results["teacher_logits_cache"] = {"size_bytes": m["size_bytes"], "build_time_s": m["build_time_s"],
@@ -333,7 +335,7 @@ def _plots(runs: dict[str, dict[str, Any]], results: dict[str, Any], out: Path) 
 
 def build_report(cfg: Config) -> dict[str, Any]:
     run_dir = cfg.run_dir
-    out = run_dir / "report"
+    out = run_dir / stages.REPORT.name
     runs = collect(run_dir)
     for d in sorted(d for d in (run_dir / SEEDS_DIR).glob("*") if d.is_dir()):
         if runs:

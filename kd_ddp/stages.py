@@ -39,6 +39,7 @@ class Stage:
     role: str = ""  # the model it trains; "" for a stage that trains none
     key: str = ""  # its key in results.json and in a pipeline's result ("student_kd")
     label: str = ""  # its name in the report's tables and plots
+    builds: tuple[str, ...] = ()  # the roles of the models it builds (the KD student: its teacher too)
 
     @property
     def trains(self) -> bool:
@@ -48,14 +49,15 @@ class Stage:
 PREPARE = Stage("prepare-data", command="prepare-data", lock="prepare-data", step="prepare-data",
                 resources="prepare_data")
 TEACHER = Stage("teacher", command="train-teacher", lock="train-teacher", step="train-teacher", resources="teacher",
-                role=TEACHER_ROLE, key="teacher", label="Teacher (CE)")
+                role=TEACHER_ROLE, key="teacher", label="Teacher (CE)", builds=(TEACHER_ROLE,))
 CACHE = Stage("teacher-logits", command="cache-logits", lock="cache-logits", step="cache-logits",
-              resources="cache_logits")
+              resources="cache_logits", builds=(TEACHER_ROLE,))
 STUDENT_NORMAL = Stage("student-normal", command="train-student", mode="normal", lock="train-student-normal",
                        step="student-normal", resources="student", role=STUDENT_ROLE, key="student_normal",
-                       label="Student (MSE, normal)")
+                       label="Student (MSE, normal)", builds=(STUDENT_ROLE,))
 STUDENT_KD = Stage("student-kd", command="train-student", mode="kd", lock="train-student-kd", step="student-kd",
-                   resources="student", role=STUDENT_ROLE, key="student_kd", label="Student (KD)")
+                   resources="student", role=STUDENT_ROLE, key="student_kd", label="Student (KD)",
+                   builds=(TEACHER_ROLE, STUDENT_ROLE))
 REPORT = Stage("report", command="report", lock="report", step="report", resources="report")
 
 PIPELINE = (PREPARE, TEACHER, CACHE, STUDENT_NORMAL, STUDENT_KD, REPORT)  # in the order they run
@@ -90,3 +92,10 @@ def role_of(name: str) -> str:
     if not role:
         raise KeyError(f"stage {name!r} trains no model")
     return role
+
+
+def roles_built(command: str, mode: str = "kd") -> list[str]:
+    """The roles of the models a CLI command builds, in ROLES order (checked before any data
+    is prepared: kd_ddp.preflight)."""
+    built = {role for stage in of_command(command, mode) for role in stage.builds}
+    return [role for role in ROLES if role in built]

@@ -38,12 +38,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from kd_ddp.augment import augment, normalize, to_device
+from kd_ddp import stages
+from kd_ddp.augment import StudentInput, to_device
 from kd_ddp.checkpoint import NoSpaceError, atomic_write_json, reserve_space
 from kd_ddp.config import Config, describe_differences
 from kd_ddp.data import EvalLoader, PreparedData, eval_indices
 from kd_ddp.distributed import DistEnv, all_gather_object, barrier, broadcast_object
 from kd_ddp.locks import LockUnsupported, LockWaitTimeout, file_lock
+from kd_ddp.precision import autocast
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +85,7 @@ def without_record_fields(key: dict[str, Any]) -> dict[str, Any]:
 
 
 def cache_dir(cfg: Config) -> Path:
-    return cfg.run_dir / "teacher-logits"
+    return cfg.run_dir / stages.CACHE.name
 
 
 def cache_lock_path(cfg: Config) -> Path:
@@ -222,13 +224,12 @@ class LogitsCache:
 
 
 @torch.no_grad()
-def teacher_view_logits(teacher: nn.Module, images: torch.Tensor, indices: torch.Tensor, *, cfg: Config,
-                        view: int, mean: torch.Tensor, std: torch.Tensor,
-                        amp_dtype: torch.dtype | None) -> torch.Tensor:
-    """The teacher's logits on view `view` of a batch: the same pixels the student gets."""
-    x = normalize(augment(images, indices, seed=cfg.seed, view=view, padding=cfg.data.crop_padding,
-                          flip=cfg.data.flip), mean, std, cfg.train.channels_last)
-    with torch.autocast(x.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+def teacher_view_logits(teacher: nn.Module, images: torch.Tensor, indices: torch.Tensor, view: int,
+                        student_input: StudentInput, amp_dtype: torch.dtype | None) -> torch.Tensor:
+    """The teacher's logits on view `view` of a batch: the pixels the student gets, made by
+    the student's own input function."""
+    x = student_input(images, indices, view)
+    with autocast(x.device, amp_dtype):
         return teacher(x).float()
 
 
@@ -284,12 +285,11 @@ def build_cache(cfg: Config, env: DistEnv, data: PreparedData, teacher: nn.Modul
         raise NoSpaceError(str(errors[0]))
     offset = 0 if env.is_main else first  # rows of `mine` are samples offset + i
     teacher.eval()
-    mean, std = data.stats(env.device)
+    student_input = StudentInput.of(cfg, *data.stats(env.device))
     torch_dtype = _TORCH_DTYPES[cfg.kd.cache_dtype]
     for view in range(views):
         for images, _, idx in loader:
-            logits = teacher_view_logits(teacher, images, idx, cfg=cfg, view=view, mean=mean, std=std,
-                                         amp_dtype=amp_dtype).to(torch_dtype).cpu()
+            logits = teacher_view_logits(teacher, images, idx, view, student_input, amp_dtype).to(torch_dtype).cpu()
             if cfg.kd.cache_dtype == "bfloat16":
                 logits = logits.view(torch.int16)
             assert rows is not None

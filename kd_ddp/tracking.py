@@ -47,12 +47,13 @@ from typing import Any
 
 import torch
 
+from kd_ddp import stages
 from kd_ddp.config import Config, ConfigError
 from kd_ddp.distributed import DistEnv, at_end_process
+from kd_ddp.precision import amp_dtype, precision_name
 
 log = logging.getLogger(__name__)
 
-TRAIN_STAGES = ("teacher", "student-normal", "student-kd")
 # Sub-layouts of a run dir whose members share the parent's W&B group (see report.py).
 REPLICA_DIRS = {"sweep": "sweep", "seeds": "seed", "variants": "variant"}
 WANDB_SUBDIRS = {"WANDB_DATA_DIR": "data", "WANDB_CACHE_DIR": "cache", "WANDB_CONFIG_DIR": "config",
@@ -190,16 +191,12 @@ def machine(env: DistEnv) -> str:
 
 
 def system_facts(cfg: Config, env: DistEnv) -> dict[str, Any]:
-    from kd_ddp.train import amp_dtype  # lazy: train imports this module
-
-    dtype = amp_dtype(cfg, env.device)
-    precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
     return {
         "device": str(env.device),
         "device_name": device_name(env),
         "world_size": env.world_size,
         "nodes": max(1, env.world_size // max(1, env.local_world_size)),
-        "precision": precision,
+        "precision": precision_name(amp_dtype(cfg, env.device)),  # the summaries' name of it
         "torch_threads": torch.get_num_threads(),
         "loader": cfg.data.loader,
         "hostname": socket.gethostname(),
@@ -378,9 +375,10 @@ class WandbTracker(StageTracker):
                 # checkpoint.pt: no checksum, it may be GBs; summary.json holds its weights hash.
                 ckpt.add_reference(file_uri(stage_dir / fname), name=fname, checksum=checksum)
         arts = [ckpt]
-        cache = self.cfg.run_dir.resolve() / "teacher-logits"
-        if self.stage == "student-kd" and self.cfg.kd.teacher == "cached" and (cache / "manifest.json").is_file():
-            cached = wandb.Artifact(_artifact_name(group, label, "teacher-logits"), type="teacher-logits",
+        cache = self.cfg.run_dir.resolve() / stages.CACHE.name
+        if self.stage == stages.STUDENT_KD.name and self.cfg.kd.teacher == "cached" \
+                and (cache / "manifest.json").is_file():
+            cached = wandb.Artifact(_artifact_name(group, label, stages.CACHE.name), type=stages.CACHE.name,
                                     metadata=json.loads((cache / "manifest.json").read_text()),
                                     description="teacher-logits cache (referenced; sha256 in the manifest)")
             cached.add_reference(file_uri(cache / "manifest.json"), name="manifest.json")
@@ -404,7 +402,8 @@ def start_stage(cfg: Config, stage: str, env: DistEnv) -> StageTracker:
 
 def log_report(cfg: Config, results: dict[str, Any], images: dict[str, Path]) -> None:
     """One `report` run in the group: the report's PNGs as images, the results as summary."""
-    run = init_run(cfg, "report", run_label(cfg, "report"), lambda: {**cfg.to_dict(), "stage": "report"})
+    name = stages.REPORT.name
+    run = init_run(cfg, name, run_label(cfg, name), lambda: {**cfg.to_dict(), "stage": name})
     if run is None:
         return
 

@@ -23,7 +23,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from kd_ddp import tracking
+from kd_ddp import stages, tracking
 from kd_ddp.checkpoint import atomic_write_json
 from kd_ddp.config import Config, ConfigError
 from kd_ddp.report import accuracy_table, sweep_table
@@ -40,7 +40,7 @@ SWEEP_TAG = tracking.REPLICA_DIRS["sweep"]  # the tag tracking gives runs under 
 def _main_grid(wr: Any, expr: Any, group: str, grouped: bool) -> Any:
     runset = wr.Runset(
         name=f"{group}: teacher and students",
-        filters=[expr.Metric("Group") == group, expr.Metric("JobType").isin(list(tracking.TRAIN_STAGES)),
+        filters=[expr.Metric("Group") == group, expr.Metric("JobType").isin([s.name for s in stages.TRAINED]),
                  expr.Tags().notin([SWEEP_TAG])],
         # With seed replicas, one line (mean and spread) per stage instead of one per run.
         groupby=["JobType"] if grouped else [])
@@ -52,7 +52,7 @@ def _main_grid(wr: Any, expr: Any, group: str, grouped: bool) -> Any:
 def _sweep_grid(wr: Any, expr: Any, group: str) -> Any:
     runset = wr.Runset(
         name=f"{group}: KD sweep",
-        filters=[expr.Metric("Group") == group, expr.Metric("JobType") == "student-kd",
+        filters=[expr.Metric("Group") == group, expr.Metric("JobType") == stages.STUDENT_KD.name,
                  expr.Tags().isin([SWEEP_TAG])])
     alpha, temp, acc = wr.Config("kd.alpha"), wr.Config("kd.temperature"), wr.SummaryMetric("test_acc")
     panels = [
@@ -91,7 +91,7 @@ def spec(report: Any) -> dict[str, Any]:
 
 
 def spec_path(cfg: Config) -> Path:
-    return cfg.run_dir / "report" / SPEC_FILE
+    return cfg.run_dir / stages.REPORT.name / SPEC_FILE
 
 
 def write_spec(cfg: Config, results: dict[str, Any]) -> Path:
