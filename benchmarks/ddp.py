@@ -43,7 +43,7 @@ def run(work: Path, cache_dir: Path) -> dict[str, Any]:
     rates: dict[str, float] = {}
     for nproc in (1, 2):
         run_dir = work / f"ddp{nproc}"
-        _kd_ddp(["train-teacher", *DATA, f"run.dir={run_dir}", f"data.cache_dir={cache_dir}", "train.threads=1"],
+        _kd_ddp([stages.TEACHER.command, *DATA, f"run.dir={run_dir}", f"data.cache_dir={cache_dir}", "train.threads=1"],
                 nproc)
         rates[f"{nproc}x1"] = _last_rate(run_dir, stages.TEACHER.name)
     mem_dir = work / "mem"

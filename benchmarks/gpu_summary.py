@@ -37,6 +37,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from kd_ddp import stages  # plain Python: no torch, so the summary is written whatever the host lacks
+
 MAX_FILES = 8  # the device tool's limit on files brought back from $OUT
 FIXED = ("summary.json", "summary.txt", "logs.tar.gz")
 ARCHIVE_MAX = 15 * 2**20  # under the tool's 16 MiB per file
@@ -110,7 +112,7 @@ def pipeline_figures(row: dict[str, Any]) -> dict[str, Any]:
 def limit_figures(results: dict[str, Any]) -> dict[str, Any]:
     rows = results.get("compute_limit") or []
     ratios = {r["stage"]: round(r["epoch_s"] / r["limit_s"], 3) for r in rows}
-    teacher = next((r for r in rows if r["stage"] == "teacher"), None)
+    teacher = next((r for r in rows if r["stage"] == stages.TEACHER.name), None)
     return {"real_over_in_memory": ratios, "worst_real_over_in_memory": max(ratios.values()) if ratios else None,
             "images_per_s": {r["stage"]: round(r["images_per_s"]) for r in rows},
             "teacher_images_per_s": round(teacher["images_per_s"]) if teacher else None,

@@ -34,6 +34,7 @@ def run(train_images: int = 8192) -> list[dict[str, Any]]:
         import ffcv  # noqa: F401
 
         mark("import ffcv (numba, opencv)")
+    from kd_ddp import stages
     from kd_ddp.config import load_config
     from kd_ddp.data import TrainLoader, prepare_data
     from kd_ddp.distributed import DistEnv
@@ -50,7 +51,7 @@ def run(train_images: int = 8192) -> list[dict[str, Any]]:
         for _ in loader.epoch(0):
             pass
         mark("one loader epoch")
-        train_stage(cfg, env, data, "teacher")
+        train_stage(cfg, env, data, stages.TEACHER.name)
         mark("train the smoke teacher (2 epochs + eval)")
     return rows
 

@@ -80,17 +80,19 @@ def plain_script(cfg: Config, root: Path, mean: list[float], std: list[float]) -
                                        batch_size=cfg.train.eval_batch_size, num_workers=workers,
                                        persistent_workers=True)
     t0 = time.perf_counter()
-    teacher, out_t = _fit(cfg, "teacher", train, test, lambda s, x, y: losses.teacher_loss(s, y))
+    teacher, out_t = _fit(cfg, stages.TEACHER_ROLE, train, test, lambda s, x, y: losses.teacher_loss(s, y))
     teacher.eval()
-    _, out_n = _fit(cfg, "student", train, test, lambda s, x, y: losses.mse_onehot_loss(s, y, cfg.kd.mse_input))
+    _, out_n = _fit(cfg, stages.STUDENT_ROLE, train, test,
+                    lambda s, x, y: losses.mse_onehot_loss(s, y, cfg.kd.mse_input))
 
     def live_kd(s: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             t = teacher(x)
         return losses.kd_loss(s, t, y, cfg.kd.alpha, cfg.kd.temperature)
 
-    _, out_k = _fit(cfg, "student", train, test, live_kd)
-    return {"teacher": out_t, "student_normal": out_n, "student_kd": out_k, "total_s": time.perf_counter() - t0}
+    _, out_k = _fit(cfg, stages.STUDENT_ROLE, train, test, live_kd)
+    outs = dict(zip((s.key for s in stages.TRAINED), (out_t, out_n, out_k), strict=True))
+    return {**outs, "total_s": time.perf_counter() - t0}
 
 
 def kd_ddp_pipeline(preset: str, archive: str, work: Path) -> dict[str, Any]:
@@ -116,15 +118,16 @@ def run(archive: str, work: Path, preset: str = "quick") -> dict[str, Any]:
     plain = plain_script(cfg, root, data.meta["mean"], data.meta["std"])
     ours = kd_ddp_pipeline(preset, archive, work)
     return {"preset": preset, "plain": plain, "kd_ddp": ours, "speedup": plain["total_s"] / ours["total_s"],
-            "epochs": {"teacher": cfg.epochs_for("teacher"), "student": cfg.epochs_for("student")}}
+            "epochs": {role: cfg.epochs_for(role) for role in stages.ROLES}}
 
 
 def markdown(r: dict[str, Any]) -> str:
     p, k = r["plain"], r["kd_ddp"]
     rows = ["| stage | plain PyTorch: time (s) | accuracy | kd-ddp: time (s) | accuracy |", "|---|---|---|---|---|"]
-    names = {"teacher": f"teacher ({r['epochs']['teacher']} epochs)",
-             "student_normal": f"student, normal ({r['epochs']['student']} epochs)",
-             "student_kd": f"student, KD ({r['epochs']['student']} epochs; plain: live teacher)"}
+    n = r["epochs"]
+    names = {stages.TEACHER.key: f"teacher ({n[stages.TEACHER_ROLE]} epochs)",
+             stages.STUDENT_NORMAL.key: f"student, normal ({n[stages.STUDENT_ROLE]} epochs)",
+             stages.STUDENT_KD.key: f"student, KD ({n[stages.STUDENT_ROLE]} epochs; plain: live teacher)"}
     for key, name in names.items():
         rows.append(f"| {name} | {p[key]['time_s']:.0f} | {p[key]['test_acc']:.4f} | {k[key]['time_s']:.0f} | "
                     f"{k[key]['test_acc']:.4f} |")

@@ -175,7 +175,7 @@ def run_stages(cfg: Config, env: distributed.DistEnv, command: str, mode: str) -
         elif stage is stages.CACHE and (command == stage.command or cfg.kd.teacher == "cached"):
             result["cache"] = cache_logits(cfg, env, data)  # a pipeline with a live teacher needs none
         elif stage is stages.REPORT and env.is_main:
-            result["report"] = report_and_print(cfg)
+            result[stages.REPORT.name] = report_and_print(cfg)
     return result
 
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kd_ddp.stages import ROLES, TEACHER_ROLE
+from kd_ddp.stages import ROLES, TEACHER_ROLE, TRAINED
 
 
 def _is_teacher(role: str) -> bool:
@@ -466,7 +466,7 @@ def _model_problems(cfg: Config) -> list[str]:
                 if getattr(m, name) < 1]
     if not 0 <= m.dropout < 1:
         problems.append(f"model.dropout={m.dropout}: must be in [0, 1)")
-    for role in ("teacher", "student"):
+    for role in ROLES:
         try:
             kind = model_kind(getattr(m, role))
         except ConfigError as e:
@@ -713,11 +713,11 @@ def _slurm_problems(cfg: Config) -> list[str]:
             problems.append(f"slurm.{name}={getattr(s, name)!r}: {e}")
     for stage, res in s.stages().items():
         problems += _stage_problems(f"slurm.{stage}", res)
-    for stage in ("teacher", "student"):
-        ranks = getattr(s, stage).world_size
+    for section in dict.fromkeys(stage.resources for stage in TRAINED):  # the jobs that train: teacher, student
+        ranks = getattr(s, section).world_size
         if cfg.optim.batch_size % ranks:
             problems.append(f"optim.batch_size={cfg.optim.batch_size} is not divisible by the "
-                            f"{ranks} ranks of slurm.{stage} (nodes x tasks_per_node)")
+                            f"{ranks} ranks of slurm.{section} (nodes x tasks_per_node)")
     return problems
 
 

@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from kd_ddp.config import SEED_MODELS, Config, ConfigError, model_kind
+from kd_ddp.stages import TEACHER_ROLE
 
 
 def _conv_bn_relu(cin: int, cout: int) -> list[nn.Module]:
@@ -86,12 +87,12 @@ assert set(ARCHITECTURES) == set(SEED_MODELS)
 
 
 def model_name(cfg: Config, role: str) -> str:
-    return cfg.model.teacher if role == "teacher" else cfg.model.student
+    return cfg.model.teacher if role == TEACHER_ROLE else cfg.model.student
 
 
 def model_kwargs(cfg: Config, role: str) -> dict[str, Any]:
     """`model.<role>_kwargs` as a dict (validate() has checked it is a JSON object)."""
-    text = cfg.model.teacher_kwargs if role == "teacher" else cfg.model.student_kwargs
+    text = cfg.model.teacher_kwargs if role == TEACHER_ROLE else cfg.model.student_kwargs
     return json.loads(text) if text.strip() else {}
 
 
