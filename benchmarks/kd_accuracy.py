@@ -22,7 +22,7 @@ from kd_ddp.data import prepare_data
 from kd_ddp.distributed import setup
 from kd_ddp.report import mean_std
 from kd_ddp.train import train_stage
-from launch.slurm import link
+from launch.plan import link
 
 MODES = ("cached", "live")
 

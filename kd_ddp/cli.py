@@ -1,7 +1,7 @@
-"""`kd-ddp STAGE [--preset P] [section.field=value ...]`: the one entry point.
+"""`kd-ddp COMMAND [--preset P] [section.field=value ...]`: the one entry point.
 
 The same command runs in one process or under torchrun (`torchrun --standalone
---nproc_per_node=N -m kd_ddp STAGE ...`) and inside Slurm tasks (launch/slurm.py calls
+--nproc_per_node=N -m kd_ddp STAGE ...`) and inside Slurm tasks (launch/tasks.py calls
 `run_stage` with the same Config).
 """
 

@@ -61,7 +61,7 @@ def available_cores() -> int:
 
 def rank_cpus(local_world_size: int) -> int:
     """The CPUs one rank may use. Ranks that torchrun (or a hand-made launch) starts share the
-    affinity mask of their launcher and split it. A Slurm task is one rank (launch/slurm.py):
+    affinity mask of their launcher and split it. A Slurm task is one rank (launch/tasks.py):
     its mask is its own, cpus_per_task CPUs under task/affinity; under task/none it is the
     whole node, so SLURM_CPUS_PER_TASK caps it."""
     cores = available_cores()

@@ -23,7 +23,7 @@ COMMON=(--preset seed "tracking.wandb.mode=${WANDB_MODE:-offline}" "$@")
 steps=${STEPS:-"seeds sweep live report publish"}
 
 # The sweep and the live run train KD students against seed 0's teacher (and cache): their
-# run dirs link to it, as the Slurm sweep does (launch/slurm.py).
+# run dirs link to it, as the Slurm sweep does (launch/plan.py).
 link_teacher() {  # DIR [with-cache]
     mkdir -p "$1"
     ln -sfn "$(realpath --relative-to="$1" "$WORK/teacher")" "$1/teacher"
