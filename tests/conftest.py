@@ -56,19 +56,42 @@ def _fast_test_guard(request: pytest.FixtureRequest) -> Iterator[None]:
     _running_fast_test.clear()
 
 
+def torchrun_cmd(nproc: int, args: list[str]) -> list[str]:
+    """`python -m torch.distributed.run --standalone --nproc_per_node=NPROC ARGS`, or plain
+    `python ARGS` for nproc 0 (torchrun with one process still makes a process group)."""
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc else []
+    return [sys.executable, *launcher, *args]
+
+
 def run_cli(args: list[str], *, torchrun: int = 0, env: dict[str, str] | None = None,
             check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess[str]:
     """Run `kd-ddp ARGS` (or under torchrun with N processes) as a user would."""
-    if torchrun:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc_per_node={torchrun}", "-m", "kd_ddp", *args]
-    else:
-        cmd = [sys.executable, "-m", "kd_ddp", *args]
+    cmd = torchrun_cmd(torchrun, ["-m", "kd_ddp", *args])
     full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
     proc = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr[-6000:]}")
     return proc
+
+
+def run_worker(name: str, args: list[str], *, torchrun: int = 0) -> str:
+    """Run tests/workers/NAME.py ARGS (under torchrun with N processes, or plainly for 0) in a
+    bare environment; what it printed on stdout. A worker that fails fails the test."""
+    cmd = torchrun_cmd(torchrun, [str(REPO / "tests" / "workers" / f"{name}.py"), *args])
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc.stdout
+
+
+def assert_user_error(proc: subprocess.CompletedProcess[str], *fragments: str, who: str = "") -> None:
+    """A refusal of what the user asked for: exit 2, each fragment in stderr, no traceback.
+    `who` (a rank, say) leads the failure message."""
+    tail = f"{who}{': ' if who else ''}exit {proc.returncode}\n{proc.stderr[-4000:]}"
+    assert proc.returncode == 2, tail
+    assert "Traceback" not in proc.stderr, tail
+    for fragment in fragments:
+        assert fragment in proc.stderr, f"{fragment!r} not in stderr of {tail}"
 
 
 def fake_stage(run_dir: Path, stage: str, acc: float, kd: dict[str, Any] | None = None, **summary: Any) -> None:

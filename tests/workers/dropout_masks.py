@@ -4,18 +4,14 @@ two ranks sharing a pipe can interleave)."""
 
 import hashlib
 import json
-import sys
 
 import torch
 
 from kd_ddp import distributed
-from kd_ddp.config import load_config
-from kd_ddp.data import prepare_data
 from kd_ddp.train import Trainer
+from tests.workers import finish, start
 
-cfg = load_config(sys.argv[1], sys.argv[2:])
-env = distributed.setup(cfg)
-data = prepare_data(cfg, env)
+cfg, env, data = start()
 trainer = Trainer(cfg, env, data, "teacher")
 trainer.close()
 # what the teacher's dropout layer would draw at the first step: the rank's stream
@@ -23,5 +19,4 @@ mask = torch.nn.functional.dropout(torch.ones(4096), p=cfg.model.dropout, traini
 masks = distributed.all_gather_object(hashlib.sha256(mask.numpy().tobytes()).hexdigest(), env)
 if env.is_main:
     print(json.dumps({"masks": masks}), flush=True)
-distributed.teardown()
-distributed.end_process(0)  # see its docstring: a clean exit after DDP under torch 2.14
+finish()

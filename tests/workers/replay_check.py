@@ -7,17 +7,14 @@ rank: {"rank", "batches", "max_abs_diff", "max_abs_diff_wrong_view", "max_abs_lo
 """
 
 import json
-import sys
 
 from kd_ddp import distributed
-from kd_ddp.config import load_config
-from kd_ddp.data import TrainLoader, prepare_data
+from kd_ddp.data import TrainLoader
 from kd_ddp.teacher_logits import LogitsCache, teacher_view_logits
 from kd_ddp.train import amp_dtype, load_trained_teacher
+from tests.workers import finish, start
 
-cfg = load_config(sys.argv[1], sys.argv[2:])
-env = distributed.setup(cfg)
-data = prepare_data(cfg, env)
+cfg, env, data = start()
 teacher, teacher_hash = load_trained_teacher(cfg, data, env)
 cache = LogitsCache(cfg, data, teacher_hash, env.device)
 mean, std = data.stats(env.device)
@@ -40,5 +37,4 @@ row = {"rank": env.rank, "batches": batches, "max_abs_diff": worst, "max_abs_dif
 for r in distributed.all_gather_object(row, env):
     if env.is_main:
         print(json.dumps(r), flush=True)
-distributed.teardown()
-distributed.end_process(0)  # see its docstring: a clean exit after DDP under torch 2.14
+finish()
