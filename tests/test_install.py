@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.conftest import REPO
+
 SOURCES = ("pyproject.toml", "README.md", "kd_ddp", "launch")
 # The new environment only: no PYTHONPATH leading back to this checkout.
 ENV = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}

@@ -3,23 +3,18 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import REPO, run_cli
+from kd_ddp.metrics_io import read_metrics
+from tests.conftest import assert_user_error, run_cli, run_worker
 
 
 def _results(run_dir: Path) -> dict:
     return json.loads((run_dir / "report" / "results.json").read_text())
-
-
-def _metrics(run_dir: Path, stage: str) -> list[dict]:
-    return [json.loads(x) for x in (run_dir / stage / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_smoke_pipeline_outputs(smoke_run: Path) -> None:
@@ -30,7 +25,7 @@ def test_smoke_pipeline_outputs(smoke_run: Path) -> None:
     for stage in ("teacher", "student-normal", "student-kd"):
         d = smoke_run / stage
         assert (d / "checkpoint.pt").is_file() and (d / "summary.json").is_file()
-        rows = _metrics(smoke_run, stage)
+        rows = read_metrics(d / "metrics.jsonl")
         assert [r["epoch"] for r in rows] == [1, 2]
         for r in rows:
             assert {"epoch", "train_loss", "test_loss", "test_acc", "lr", "epoch_time_s", "images_per_s"} <= set(r)
@@ -73,15 +68,8 @@ def test_one_process_torchrun_trains_through_a_process_group(smoke_run: Path, ca
 
 def _eval(run_dir: Path, cache_dir: Path, nproc: int) -> dict:
     args = ["smoke", f"run.dir={run_dir}", f"data.cache_dir={cache_dir}", "train.eval_batch_size=48"]
-    worker = str(REPO / "tests" / "workers" / "eval_teacher.py")
-    if nproc > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", worker]
-    else:
-        cmd = [sys.executable, worker]
-    proc = subprocess.run([*cmd, *args], cwd=REPO, capture_output=True, text=True, timeout=300,
-                          env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    out = run_worker("eval_teacher", args, torchrun=nproc if nproc > 1 else 0)
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def test_ddp_all_reduced_metrics_match_one_process(smoke_run: Path, cache_dir: Path) -> None:
@@ -134,8 +122,7 @@ def test_unseen_imagefolder_grayscale_28px(tmp_path: Path, cache_dir: Path) -> N
 def test_user_errors_exit_2_without_traceback(tmp_path: Path, args: list[str], message: str) -> None:
     proc = run_cli(["pipeline", "--preset", "smoke", f"run.dir={tmp_path}", f"data.cache_dir={tmp_path}", *args],
                    check=False)
-    assert proc.returncode == 2
-    assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert_user_error(proc, message)
 
 
 def test_odd_batch_for_world_size_is_refused(tmp_path: Path, cache_dir: Path) -> None:
@@ -154,8 +141,7 @@ def test_second_pipeline_on_a_busy_run_dir_is_refused(tmp_path: Path, cache_dir:
                        check=False)
     finally:
         held.release()
-    assert proc.returncode == 2
-    assert f"run dir {tmp_path} is in use by pid" in proc.stderr
+    assert_user_error(proc, f"run dir {tmp_path} is in use by pid")
     assert not (tmp_path / "teacher").exists()
 
 
@@ -180,13 +166,8 @@ def test_metrics_after_two_process_training_equal_a_one_process_evaluation(smoke
 
 
 def _masks(run_dir: Path, cache_dir: Path) -> list[str]:
-    worker = str(REPO / "tests" / "workers" / "dropout_masks.py")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", worker,
-           "smoke", f"run.dir={run_dir}", f"data.cache_dir={cache_dir}"]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
-                          env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])["masks"]
+    out = run_worker("dropout_masks", ["smoke", f"run.dir={run_dir}", f"data.cache_dir={cache_dir}"], torchrun=2)
+    return json.loads(out.strip().splitlines()[-1])["masks"]
 
 
 def test_ranks_draw_different_dropout_masks_reproducibly(tmp_path: Path, cache_dir: Path) -> None:

@@ -16,6 +16,7 @@ from kd_ddp.checkpoint import load_checkpoint
 from kd_ddp.config import Config, load_config
 from kd_ddp.data import PreparedData, TrainLoader, ffcv_available, prepare_data
 from kd_ddp.distributed import DistEnv
+from kd_ddp.metrics_io import read_metrics
 from kd_ddp.tracking import StageTracker
 from kd_ddp.train import NonFiniteLoss, Trainer, lr_at, precision_name, stage_fingerprint
 
@@ -94,7 +95,7 @@ def test_skipped_steps_are_counted_and_past_the_limit_the_run_stops_naming_the_s
         trainer.fit(StageTracker())
     state = load_checkpoint(trainer.ckpt_path)  # the last good checkpoint: end of epoch 1
     assert (state["epoch"], state["step_in_epoch"], state["nonfinite_steps"]) == (0, 0, 1)
-    rows = [json.loads(x) for x in (trainer.out / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(trainer.out / "metrics.jsonl")
     assert [r["epoch"] for r in rows] == [1]
 
 
@@ -104,7 +105,7 @@ def test_within_the_limit_the_stage_finishes_and_reports_the_skips(trainer_facto
     _poison(trainer, {3, 10})
     summary = trainer.fit(StageTracker())
     assert summary["nonfinite_steps"] == 2
-    rows = [json.loads(x) for x in (trainer.out / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(trainer.out / "metrics.jsonl")
     assert all(math.isfinite(r["train_loss"]) for r in rows)
 
 
@@ -115,7 +116,7 @@ def test_logged_lr_is_the_one_the_last_step_used(trainer_factory, stage: str) ->
     trainer = trainer_factory("optim.epochs=3", "optim.student_lr=0.03", "optim.student_warmup_epochs=2",
                               stage=stage)
     trainer.fit(StageTracker())
-    rows = [json.loads(x) for x in (trainer.out / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(trainer.out / "metrics.jsonl")
     steps, cfg = len(trainer.loader), trainer.cfg
     peak, warmup_epochs = (cfg.optim.lr, cfg.optim.warmup_epochs) if stage == "teacher" else (0.03, 2)
     total, warmup = trainer.epochs * steps, int(warmup_epochs * steps)

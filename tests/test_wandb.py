@@ -18,10 +18,10 @@ from typing import Any
 import pytest
 
 from kd_ddp.config import load_config
+from kd_ddp.metrics_io import read_metrics
 from kd_ddp.tracking import TRAIN_STAGES, file_uri, group_name
-from tests.conftest import fake_stage
+from tests.conftest import REPO, assert_user_error, fake_stage, torchrun_cmd
 
-REPO = Path(__file__).resolve().parents[1]
 CLOSED = "http://127.0.0.1:9"  # the discard port: nothing listens, a connect fails at once
 # A run dir name that a URL would misread: a space, `#` (fragment), `%41` ("A" once
 # unquoted) and `?` (query). Unquoted file:// references into it made W&B fail.
@@ -42,8 +42,7 @@ def sandbox(root: Path) -> tuple[dict[str, str], Path]:
 def kd_ddp(args: list[str], env: dict[str, str], cwd: Path, check: bool = True,
            torchrun: int = 0) -> subprocess.CompletedProcess[str]:
     """`kd-ddp ARGS` in the sandbox, or under torchrun with `torchrun` processes."""
-    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}"] if torchrun else []
-    proc = subprocess.run([sys.executable, *launcher, "-m", "kd_ddp", *args], cwd=cwd, env=env,
+    proc = subprocess.run(torchrun_cmd(torchrun, ["-m", "kd_ddp", *args]), cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=600 if torchrun else 300)
     if check and proc.returncode:
         raise AssertionError(f"kd-ddp {args} exited {proc.returncode}\n{proc.stderr[-6000:]}")
@@ -84,10 +83,6 @@ def assert_history_is(run: dict[str, Any], metrics: list[dict[str, Any]]) -> Non
     assert [{k: h["item"][k] for k in m} for h, m in zip(run["history"], metrics, strict=True)] == metrics
 
 
-def read_metrics(stage_dir: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in (stage_dir / "metrics.jsonl").read_text().splitlines()]
-
-
 def referenced_files(run: dict[str, Any]) -> dict[str, Path]:
     """Each artifact entry's name -> the local file its file:// reference resolves to, as
     wandb resolves it (url2pathname of the parsed URL's path)."""
@@ -121,7 +116,7 @@ def test_pipeline_offline_runs_read_back(pipeline: dict[str, Any]) -> None:
         system = r["config"]["system"]
         assert system["device"] == "cpu" and system["world_size"] == 1 and system["precision"] in ("fp32", "bf16")
         assert system["versions"]["torch"] and system["versions"]["wandb"]
-        assert_history_is(r, read_metrics(run_dir / stage))  # epoch = step, the values of metrics.jsonl
+        assert_history_is(r, read_metrics(run_dir / stage / "metrics.jsonl"))  # epoch = step, the records' values
         summary = json.loads((run_dir / stage / "summary.json").read_text())
         for key in ("test_acc", "train_time_s", "images_per_s", "amp", "world_size"):
             assert r["summary"][key] == summary[key]
@@ -160,7 +155,7 @@ def test_torchrun_pipeline_in_an_awkward_run_dir_keeps_every_run(tmp_path: Path,
     for stage in TRAIN_STAGES:
         r = runs[stage]
         assert r["config"]["system"]["world_size"] == 2
-        assert_history_is(r, read_metrics(run_dir / stage))
+        assert_history_is(r, read_metrics(run_dir / stage / "metrics.jsonl"))
         assert r["summary"]["test_acc"] == json.loads((run_dir / stage / "summary.json").read_text())["test_acc"]
         files = referenced_files(r)  # the references lead back to the very files
         assert files == {name: (run_dir / stage / name).resolve() for name in ("checkpoint.pt", "summary.json")} | (
@@ -303,6 +298,5 @@ def test_online_without_api_key_fails_at_start(tmp_path: Path, cache_dir: Path) 
     run_dir = tmp_path / "run"
     proc = kd_ddp(["pipeline", "--preset", "smoke", f"run.dir={run_dir}", f"data.cache_dir={cache_dir}",
                    "tracking.wandb.mode=online"], env, cwd, check=False)
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    assert "no W&B API key" in proc.stderr and "WANDB_API_KEY" in proc.stderr
+    assert_user_error(proc, "no W&B API key", "WANDB_API_KEY")
     assert not (run_dir / "teacher").exists()  # failed before any training
