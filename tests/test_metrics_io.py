@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from kd_ddp.metrics_io import read_metrics, read_metrics_prefix
-from kd_ddp.train import write_metrics
+from kd_ddp.metrics_io import read_metrics, read_metrics_prefix, write_metrics
 
 pytestmark = pytest.mark.fast  # in-process unit tests (tests/conftest.py)
 

@@ -20,8 +20,9 @@ from torch import nn
 from kd_ddp.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from kd_ddp.config import ConfigError, describe_differences, fingerprint, load_config
 from kd_ddp.data import PreparedData
+from kd_ddp.fingerprints import accepted_fingerprints, stage_fingerprint
 from kd_ddp.models import ConvNet, architecture, build_model, check_output, model_facts
-from kd_ddp.train import accepted_fingerprints, read_teacher_weights, stage_fingerprint
+from kd_ddp.teachers import read_teacher_weights
 from tests.conftest import REPO, assert_user_error, run_cli
 
 fast = pytest.mark.fast

@@ -25,17 +25,13 @@ from kd_ddp.cli import cache_logits
 from kd_ddp.config import Config, fingerprint, load_config
 from kd_ddp.data import prepare_data
 from kd_ddp.distributed import DistEnv
+from kd_ddp.fingerprints import accepted_fingerprints, finished_summary, stage_fingerprint
 from kd_ddp.locks import file_lock
 from kd_ddp.models import build_model
+from kd_ddp.objectives import teacher_logits_source
 from kd_ddp.teacher_logits import CacheError, LogitsCache, cache_dir, cache_lock_path
-from kd_ddp.train import (
-    accepted_fingerprints,
-    finished_summary,
-    load_trained_teacher,
-    stage_fingerprint,
-    teacher_logits_source,
-    train_stage,
-)
+from kd_ddp.teachers import load_trained_teacher
+from kd_ddp.train import train_stage
 
 pytestmark = pytest.mark.fast
 

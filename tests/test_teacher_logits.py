@@ -15,7 +15,7 @@ from kd_ddp.data import prepare_data
 from kd_ddp.distributed import DistEnv
 from kd_ddp.metrics_io import read_metrics
 from kd_ddp.teacher_logits import CacheError, check_cache
-from kd_ddp.train import load_trained_teacher
+from kd_ddp.teachers import load_trained_teacher
 from tests.conftest import assert_user_error, run_cli, run_worker, small_tmpfs
 
 

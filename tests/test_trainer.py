@@ -16,9 +16,11 @@ from kd_ddp.checkpoint import load_checkpoint
 from kd_ddp.config import Config, load_config
 from kd_ddp.data import PreparedData, TrainLoader, ffcv_available, prepare_data
 from kd_ddp.distributed import DistEnv
+from kd_ddp.fingerprints import stage_fingerprint
 from kd_ddp.metrics_io import read_metrics
+from kd_ddp.precision import precision_name
 from kd_ddp.tracking import StageTracker
-from kd_ddp.train import NonFiniteLoss, Trainer, lr_at, precision_name, stage_fingerprint
+from kd_ddp.train import NonFiniteLoss, Trainer, lr_at
 
 
 def _config(run_dir: Path, cache_dir: Path, *overrides: str) -> Config:

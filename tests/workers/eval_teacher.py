@@ -6,7 +6,9 @@ Prints one JSON line on rank 0: {"test_loss", "test_acc", "world_size"}.
 import json
 
 from kd_ddp.data import EvalLoader
-from kd_ddp.train import amp_dtype, evaluate, load_trained_teacher
+from kd_ddp.evaluation import evaluate
+from kd_ddp.precision import amp_dtype
+from kd_ddp.teachers import load_trained_teacher
 from tests.workers import finish, start
 
 cfg, env, data = start()

@@ -9,23 +9,24 @@ rank: {"rank", "batches", "max_abs_diff", "max_abs_diff_wrong_view", "max_abs_lo
 import json
 
 from kd_ddp import distributed
+from kd_ddp.augment import StudentInput
 from kd_ddp.data import TrainLoader
+from kd_ddp.precision import amp_dtype
 from kd_ddp.teacher_logits import LogitsCache, teacher_view_logits
-from kd_ddp.train import amp_dtype, load_trained_teacher
+from kd_ddp.teachers import load_trained_teacher
 from tests.workers import finish, start
 
 cfg, env, data = start()
-teacher, teacher_hash = load_trained_teacher(cfg, data, env)
-cache = LogitsCache(cfg, data, teacher_hash, env.device)
-mean, std = data.stats(env.device)
+teacher, teacher_record = load_trained_teacher(cfg, data, env)
+cache = LogitsCache(cfg, data, teacher_record, env.device)
+student_input = StudentInput.of(cfg, *data.stats(env.device))
 loader = TrainLoader(cfg, data, env)
 worst = worst_wrong = 0.0
 batches = 0
 for epoch in range(cfg.epochs_for("student")):
     view = epoch % cfg.kd.views
     for images, _, idx in loader.epoch(epoch):
-        live = teacher_view_logits(teacher, images, idx, cfg=cfg, view=view, mean=mean, std=std,
-                                   amp_dtype=amp_dtype(cfg, env.device))
+        live = teacher_view_logits(teacher, images, idx, view, student_input, amp_dtype(cfg, env.device))
         cached = cache.lookup(view, idx).float()
         wrong = cache.lookup(view + 1, idx).float()
         worst = max(worst, (live - cached).abs().max().item())
