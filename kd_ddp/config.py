@@ -136,6 +136,11 @@ class TrainConfig:
     # BatchNorm statistics over the global batch instead of each rank's share (SyncBatchNorm;
     # for small per-rank batches). CUDA only: torch's SyncBatchNorm does not run on CPUs.
     sync_bn: bool = False
+    # One rank trains without a process group or DDP wrapper, however it was started (plain,
+    # or `torchrun --nproc_per_node=1`): nothing to all-reduce, so no collective and no DDP
+    # hook in a step. true keeps DDP over a group of one under torchrun (a one-GPU test of
+    # the NCCL + DDP path that several GPUs take). The weights are the same either way.
+    one_rank_ddp: bool = False
 
 
 @dataclass

@@ -125,9 +125,9 @@ def setup(cfg: Config) -> DistEnv:
     env.cpus = rank_cpus(env.local_world_size)
     import_ffcv_first(cfg, env.device)
     torch.set_num_threads(cfg.train.threads or env.cpus)
-    # Under torchrun even one process joins a group, so `--nproc_per_node=1` on a one-GPU
-    # machine runs the NCCL + DDP path of a multi-GPU job (a plain `kd-ddp` run stays group-free).
-    env.group_of_one = env.world_size == 1 and "TORCHELASTIC_RUN_ID" in os.environ
+    # One rank trains group-free, under torchrun too, unless train.one_rank_ddp asks for the
+    # NCCL + DDP path of a multi-GPU job over a group of one (`--nproc_per_node=1` on one GPU).
+    env.group_of_one = env.world_size == 1 and "TORCHELASTIC_RUN_ID" in os.environ and cfg.train.one_rank_ddp
     if env.distributed and not dist.is_initialized():
         if cfg.optim.batch_size % env.world_size:
             raise ConfigError(f"optim.batch_size={cfg.optim.batch_size} is not divisible by "

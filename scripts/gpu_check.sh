@@ -129,7 +129,8 @@ for s in $STEPS; do
            "$PY" "$WORK/env.json" ;;
     preflight) preflight ;;
     smoke) step smoke 60 "$PY" -m torch.distributed.run --standalone --nproc_per_node=1 -m kd_ddp pipeline \
-             --preset smoke run.dir="$RUNS/smoke" tracking.wandb.mode=disabled train.device=cuda || exit 1 ;;
+             --preset smoke run.dir="$RUNS/smoke" tracking.wandb.mode=disabled train.device=cuda \
+             train.one_rank_ddp=true || exit 1 ;;
     cold) pipeline cold 90 1 --cold ;;
     warm) pipeline warm 60 1 ;;
     limit) step limit 60 "$PY" -m benchmarks --only compute_limit --limit-preset "$PRESET" --data-root "$ARCHIVE" \

@@ -53,17 +53,20 @@ def test_two_process_torchrun_pipeline(smoke_run_ddp: Path) -> None:
     assert manifest["world_size"] == 2
 
 
-def test_one_process_torchrun_trains_through_a_process_group(smoke_run: Path, cache_dir: Path,
-                                                            tmp_path: Path) -> None:
-    """`--nproc_per_node=1` (a one-GPU machine) runs DDP over a group of one, not the plain
-    path, and lands on the very weights of the plain one-process run."""
-    run_cli(["train-teacher", "--preset", "smoke", f"run.dir={tmp_path}", f"data.cache_dir={cache_dir}"],
-            torchrun=1)
-    group = json.loads((tmp_path / "teacher" / "summary.json").read_text())
-    plain = json.loads((smoke_run / "teacher" / "summary.json").read_text())
+def test_one_process_torchrun_trains_without_a_group_unless_asked(smoke_run: Path, cache_dir: Path,
+                                                                  tmp_path: Path) -> None:
+    """`--nproc_per_node=1` (a one-GPU machine) trains as a plain run does, with no process
+    group or DDP; `train.one_rank_ddp=true` runs DDP over a group of one (the multi-GPU path,
+    tested on one device). All three land on the very weights of the plain one-process run."""
+    common = ["train-teacher", "--preset", "smoke", f"data.cache_dir={cache_dir}"]
+    run_cli([*common, f"run.dir={tmp_path / 'free'}"], torchrun=1)
+    run_cli([*common, f"run.dir={tmp_path / 'group'}", "train.one_rank_ddp=true"], torchrun=1)
+    free, group, plain = (json.loads((d / "teacher" / "summary.json").read_text())
+                          for d in (tmp_path / "free", tmp_path / "group", smoke_run))
+    assert (free["backend"], free["world_size"]) == ("none", 1)
     assert (group["backend"], group["world_size"]) == ("gloo", 1)
     assert plain["backend"] == "none"
-    assert group["weights_hash"] == plain["weights_hash"]
+    assert free["weights_hash"] == group["weights_hash"] == plain["weights_hash"]
 
 
 def _eval(run_dir: Path, cache_dir: Path, nproc: int) -> dict:
