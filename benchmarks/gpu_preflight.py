@@ -28,15 +28,16 @@ rather than raised.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import importlib
 import json
 import os
 import pkgutil
 import platform
 import re
-import signal
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
@@ -62,11 +63,6 @@ OPTIONAL = {"ffcv"}  # absent: data.loader=auto holds the data on the GPU, or us
 LAST = ("torchvision", "ffcv")
 
 
-class DeadlinePassed(BaseException):
-    """Raised by SIGALRM at the deadline; a BaseException so that no `except Exception` of the
-    code being imported (kd_ddp.distributed suppresses any error of FFCV's import) swallows it."""
-
-
 @dataclass
 class Package:
     dist: str
@@ -89,6 +85,9 @@ class Report:
     warnings: list[str] = field(default_factory=list)  # an optional package's problems: reported, not failed
     seconds: float = 0.0
     doing: str = "starting"  # what the checks were at: named when the deadline passes
+    # True once everything a GPU step needs has been checked: only the slow imports of LAST
+    # are left, and a deadline passing there is a warning, not a refusal
+    required_done: bool = False
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
@@ -324,6 +323,7 @@ def run_checks(report: Report, need_cuda: bool, list_only: bool) -> None:
             f"GPUs {report.torch['gpus'] or 'none'}, {report.torch['cpus']} CPUs")
     if not list_only:
         check_project(report, need_cuda)
+    report.required_done = True
     check_packages(report, [r for r in requirements if r[0] in LAST])
 
 
@@ -348,8 +348,48 @@ def _record(report: Report, name: str, problem: str | None, ok: str) -> None:
     say(f"  {'ok' if problem is None else 'FAIL':4} {name}: {problem or ok}")
 
 
-def _on_alarm(signum: int, frame: object) -> None:
-    raise DeadlinePassed
+def finish(report: Report, a: argparse.Namespace, t0: float) -> int:
+    """Write the JSON report (if asked), print the verdict line; the exit code."""
+    report.seconds = round(time.perf_counter() - t0, 2)
+    if a.json:
+        Path(a.json).write_text(json.dumps(report.to_json(), indent=1) + "\n")
+    if a.list:
+        say(f"preflight --list: done in {report.seconds} s")
+        return 0
+    verdict = "ok" if not report.problems else "FAILED: " + "; ".join(report.problems)
+    if report.warnings:
+        verdict += " (warnings: " + "; ".join(report.warnings) + ")"
+    say(f"preflight: {verdict} ({report.seconds} s)")
+    return 0 if not report.problems else 1
+
+
+FINISHING = threading.Lock()  # taken by whichever ends the run: the checks, or the deadline
+
+
+def arm_deadline(report: Report, a: argparse.Namespace, t0: float) -> threading.Timer:
+    """At the deadline, report what the checks were at and end the process, whatever the main
+    thread is doing. A watchdog thread rather than an exception raised into the main thread: a
+    SIGALRM exception landing inside an import was swallowed or turned into another error by
+    the code being imported (seen on a loaded machine: a 1 s deadline ended 'ok' after 12 s,
+    torchvision 'broken' by a RecursionError). The thread needs the GIL, which a long C call
+    can hold: faulthandler ends the process 10 s later if it never gets it."""
+    def expire() -> None:
+        if not FINISHING.acquire(blocking=False):
+            return  # the checks ended just now: main prints their verdict
+        late = f"deadline of {a.deadline} s passed while {report.doing}"
+        if report.required_done:  # the GPU steps' needs all checked; the rest is optional
+            report.warnings.append(f"{late} (not checked: {', '.join(LAST)})")
+        else:
+            report.problems.append(late)
+        code = finish(report, a, t0)
+        sys.stdout.flush()
+        os._exit(code)
+
+    timer = threading.Timer(a.deadline, expire)
+    timer.daemon = True
+    timer.start()
+    faulthandler.dump_traceback_later(a.deadline + 10, exit=True)
+    return timer
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -362,25 +402,13 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     report = Report()
     say(f"preflight: Python {report.python} ({report.executable}); ranges from {REPO / 'pyproject.toml'}")
-    signal.signal(signal.SIGALRM, _on_alarm)
-    signal.alarm(a.deadline)
-    try:
-        run_checks(report, a.need_cuda, a.list)
-    except DeadlinePassed:
-        report.problems.append(f"deadline of {a.deadline} s passed while {report.doing}")
-    finally:
-        signal.alarm(0)
-    report.seconds = round(time.perf_counter() - t0, 2)
-    if a.json:
-        Path(a.json).write_text(json.dumps(report.to_json(), indent=1) + "\n")
-    if a.list:
-        say(f"preflight --list: done in {report.seconds} s")
-        return 0
-    verdict = "ok" if not report.problems else "FAILED: " + "; ".join(report.problems)
-    if report.warnings:
-        verdict += " (warnings: " + "; ".join(report.warnings) + ")"
-    say(f"preflight: {verdict} ({report.seconds} s)")
-    return 0 if not report.problems else 1
+    timer = arm_deadline(report, a, t0)
+    run_checks(report, a.need_cuda, a.list)
+    if not FINISHING.acquire(blocking=False):
+        time.sleep(60)  # the deadline came first: its thread reports and ends the process
+    timer.cancel()
+    faulthandler.cancel_dump_traceback_later()
+    return finish(report, a, t0)
 
 
 if __name__ == "__main__":
