@@ -372,6 +372,8 @@ def _listing(cfg: Config) -> Listing | None:
     if cfg.data.source not in DIRECTORY_SOURCES:
         return None
     root = Path(cfg.data.root)
+    if not root.exists():
+        raise DataError(f"data.root {root} does not exist")
     if not root.is_dir():
         raise DataError(f"data.root {root} is not a directory (data.source={cfg.data.source})")
     start = time.perf_counter()
