@@ -30,6 +30,11 @@ from typing import Any
 from kd_ddp.stages import ROLES, TEACHER_ROLE, TRAINED
 
 
+def _a(noun: str) -> str:
+    """'an int', 'a float': the article a type's name takes in a message."""
+    return f"{'an' if noun[:1] in 'aeiou' else 'a'} {noun}"
+
+
 def _is_teacher(role: str) -> bool:
     """A role's name checked: a stage name passed by mistake (`student-kd`) fails loudly."""
     if role not in ROLES:
@@ -547,7 +552,7 @@ def _parse_value(key: str, text: str, typ: Any) -> Any:
         if typ is float:
             return float(text)
     except ValueError:
-        raise ConfigError(f"{key}={text!r}: expected a {typ.__name__}") from None
+        raise ConfigError(f"{key}={text!r}: expected {_a(typ.__name__)}") from None
     return text
 
 
@@ -862,7 +867,7 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
         return "true" if value else "false"
     if (typ is float and number) or (typ in (int, bool) and type(value) is typ):
         return value
-    raise ConfigError(f"{key}: expected a {getattr(typ, '__name__', typ)}, got {value!r}")
+    raise ConfigError(f"{key}: expected {_a(str(getattr(typ, '__name__', typ)))}, got {value!r}")
 
 
 @functools.cache

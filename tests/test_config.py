@@ -164,7 +164,7 @@ def test_preset_then_file_then_overrides(tmp_path: Path) -> None:
     ("a.json", '{"kd": {"alhpa": 0.3}, "nope": 1}',
      "unknown config key(s) 'kd.alhpa' (did you mean kd.alpha?), 'nope'"),
     ("a.yaml", "kd: 0.3\n", "kd is a section: expected a mapping of its fields, got 0.3"),
-    ("a.yaml", "optim:\n  batch_size: many\n", "optim.batch_size='many': expected a int"),
+    ("a.yaml", "optim:\n  batch_size: many\n", "optim.batch_size='many': expected an int"),
     ("a.yaml", "data:\n  flip: 3\n", "data.flip: expected a bool, got 3"),
     ("a.yaml", "run:\n  dir: [a, b]\n", "run.dir: expected a str, got ['a', 'b']"),
     ("a.yaml", "kd: [1\n", "is not valid YAML"),
