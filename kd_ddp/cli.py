@@ -20,7 +20,7 @@ from typing import Any
 from kd_ddp import distributed, stages, tracking
 from kd_ddp.checkpoint import NO_SPACE_HINT, CheckpointError, NoSpaceError, atomic_write_json
 from kd_ddp.config import PRESETS, Config, ConfigError, config_yaml, load_config
-from kd_ddp.data import prepare_data
+from kd_ddp.data import prepare_data, write_loader_files
 from kd_ddp.locks import (
     BaseFileLock,
     LockUnsupported,
@@ -168,6 +168,8 @@ def run_stage(cfg: Config, command: str, mode: str = "kd", wandb_report: bool = 
 def run_stages(cfg: Config, env: distributed.DistEnv, command: str, mode: str) -> dict[str, Any]:
     """Prepare the data, then each stage of the command in order; their results by key."""
     data = prepare_data(cfg, env)
+    if command == stages.PREPARE.command:
+        write_loader_files(cfg, data, env)
     result: dict[str, Any] = {}
     for stage in stages.of_command(command, mode):
         if stage.trains:

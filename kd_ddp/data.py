@@ -5,7 +5,8 @@
 (uint8 NHWC / int64) and `meta.json` (classes, normalization statistics computed on the
 training split, file sizes and a content hash). meta.json is written last, so its presence
 means the rest is complete. FFCV's `{train,test}.beton` (each sample's index stored as a
-field) are written from those arrays when the FFCV loader first needs them (`ensure_beton`).
+field) are written from those arrays when the FFCV loader first needs them (`ensure_beton`),
+or by `kd-ddp prepare-data` when the run's loader is FFCV (`write_loader_files`).
 
 The loaders (`data.loader`: FFCV reading the .beton, `torch` indexing the arrays in host
 memory, `device` indexing them on the training device; `auto` chooses, see
@@ -476,6 +477,14 @@ def resolve_loader(cfg: Config, data: PreparedData, device: torch.device) -> str
         if need <= DEVICE_DATA_SHARE * free:
             return "device"
     return "ffcv" if ffcv_available() else "torch"
+
+
+def write_loader_files(cfg: Config, data: PreparedData, env: DistEnv) -> None:
+    """`kd-ddp prepare-data`: also the files this run's loader will read, when it is FFCV's
+    (its .beton files), so that the stages after it (Slurm jobs, say) find everything made."""
+    if resolve_loader(cfg, data, env.device) == "ffcv":
+        for split in ("train", "test"):
+            ensure_beton(data, split, cfg.data.num_workers or env.cpus, _bars(cfg, env))
 
 
 def _bars(cfg: Config, env: DistEnv) -> bool:
