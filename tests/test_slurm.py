@@ -26,8 +26,8 @@ from typing import Any
 import pytest
 
 from launch import ports
+from tests.conftest import REPO, assert_user_error
 
-REPO = Path(__file__).resolve().parents[1]
 DEV_CLUSTER = REPO / "slurm" / "dev-cluster"
 SLURM_BINARIES = ("sbatch", "srun", "scontrol", "sacct", "slurmctld", "slurmd", "slurmdbd", "munged", "mariadbd")
 MISSING = [b for b in SLURM_BINARIES if shutil.which(b) is None]
@@ -330,9 +330,8 @@ def test_missing_data_root_is_refused_at_submission(slurm_env: dict[str, str], c
                                                     tmp_path: Path) -> None:
     proc = launch(slurm_env, "pipeline", "--preset", "smoke", "data.source=imagefolder",
                   "data.root=no-such-data", *common(tmp_path, cache_dir))
-    assert proc.returncode == 2, proc.stdout + proc.stderr
     # made absolute where the launcher runs: the jobs run in another directory
-    assert f"data.root {REPO / 'no-such-data'} does not exist" in proc.stderr
+    assert_user_error(proc, f"data.root {REPO / 'no-such-data'} does not exist")
     assert read_record(tmp_path) is None  # nothing submitted
 
 
