@@ -286,7 +286,7 @@ def _valid_meta(out: Path) -> dict[str, Any] | None:
 # A run whose loader is `device` or `torch` (a GPU run's default) never imports FFCV nor
 # writes a .beton: preparing the data is the arrays alone.
 
-BETON_RECORD = "ffcv.json"  # {"train.beton": size, ...}: written after each complete .beton
+BETON_RECORD = "ffcv.json"  # {"content_hash", "files": {"train.beton": size}}: after each complete .beton
 
 
 def _import_ffcv() -> None:
@@ -298,13 +298,16 @@ def _import_ffcv() -> None:
 
 
 def _beton_sizes(data: PreparedData) -> dict[str, int]:
-    """The .beton files known complete: this record, or a preparation's meta from before
-    .beton files were written on demand (it listed them with the arrays)."""
+    """The .beton files known complete and written from these arrays: this record when it
+    names the arrays' content hash (a record left by an earlier preparation in the same
+    directory does not count), or a preparation's meta from before .beton files were written
+    on demand (it listed them with the arrays)."""
     try:
         record = json.loads(data.file(BETON_RECORD).read_text())
     except (OSError, ValueError):
         record = {}
-    return {n: v for n, v in data.meta["files"].items() if n.endswith(".beton")} | record
+    made = record.get("files", {}) if record.get("content_hash") == data.content_hash else {}
+    return {n: v for n, v in data.meta["files"].items() if n.endswith(".beton")} | made
 
 
 def ensure_beton(data: PreparedData, split: str, workers: int, progress: bool) -> Path:
@@ -321,7 +324,8 @@ def ensure_beton(data: PreparedData, split: str, workers: int, progress: bool) -
         arrays = Split(np.load(data.file(f"{split}_images.npy"), mmap_mode="r"),
                        np.load(data.file(f"{split}_labels.npy")))
         _write_beton(path, arrays, workers, progress)
-        atomic_write_json(data.file(BETON_RECORD), sizes | {path.name: path.stat().st_size})
+        atomic_write_json(data.file(BETON_RECORD), {"content_hash": data.content_hash,
+                                                     "files": sizes | {path.name: path.stat().st_size}})
     return path
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import subprocess
@@ -181,6 +182,12 @@ def test_beton_files_are_written_when_the_ffcv_loader_needs_them(tmp_path: Path)
         f.truncate(size // 2)
     again = [idx.tolist() for _, _, idx in TrainLoader(cfg, data, DistEnv()).epoch(0)]
     assert beton.stat().st_size == size and again == first
+    # a record naming other arrays (an earlier preparation in this directory) vouches for nothing
+    record = json.loads(data.file("ffcv.json").read_text())
+    data.file("ffcv.json").write_text(json.dumps(record | {"content_hash": "another"}))
+    stamp = beton.stat().st_mtime_ns
+    TrainLoader(cfg, data, DistEnv())
+    assert beton.stat().st_mtime_ns != stamp
 
 
 def test_a_device_loader_run_neither_imports_ffcv_nor_writes_beton(tmp_path: Path) -> None:
