@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from kd_ddp import distributed, stages, tracking
+from kd_ddp import distributed, ensemble, stages, tracking
 from kd_ddp.checkpoint import NO_SPACE_HINT, CheckpointError, NoSpaceError, atomic_write_json
 from kd_ddp.config import PRESETS, Config, ConfigError, config_yaml, load_config
 from kd_ddp.data import prepare_data, write_loader_files
@@ -47,20 +47,32 @@ def setup_logging(rank: int) -> None:
 
 def cache_logits(cfg: Config, env: distributed.DistEnv, data: Any, rebuild_invalid: bool = True) -> dict[str, Any]:
     """Check the teacher-logits cache and (re)build it unless it is usable, under the cache's
-    lock, which a KD student takes to read it: a student never reads a cache half rebuilt."""
-    teacher, record = load_trained_teacher(cfg, data, env)
-    with cache_lock(cfg, env):
+    lock, which a KD student takes to read it: a student never reads a cache half rebuilt.
+    With an ensemble, every member's cache, one after another; the result is the teacher's
+    (member 1's) manifest, the others' under "members"."""
+    manifests = [cache_member(cfg, env, data, stage.member, rebuild_invalid)
+                 for stage in stages.teachers(ensemble.size(cfg))]
+    return manifests[0] | ({"members": manifests[1:]} if len(manifests) > 1 else {})
+
+
+def cache_member(cfg: Config, env: distributed.DistEnv, data: Any, member: int, rebuild_invalid: bool
+                 ) -> dict[str, Any]:
+    """cache_logits for one teacher of the ensemble (member 1: the run's teacher)."""
+    stage = stages.teacher_member(member)
+    teacher, record = load_trained_teacher(ensemble.member_config(cfg, member), data, env, stage.name)
+    name = stages.cache_name(member)
+    with cache_lock(cfg, env, member):
         try:
-            manifest = check_cache(cfg, data, record)
+            manifest = check_cache(cfg, data, record, member)
             if env.is_main:
-                log.info("teacher-logits cache is up to date")
+                log.info("%s cache is up to date", name)
             return manifest
         except CacheError as e:
             if not rebuild_invalid:
                 raise
             if env.is_main and "no teacher-logits cache" not in str(e):
-                log.warning("rebuilding the teacher-logits cache: %s", str(e).splitlines()[0])
-        return build_cache(cfg, env, data, teacher, record, amp_dtype(cfg, env.device))
+                log.warning("rebuilding the %s cache: %s", name, str(e).splitlines()[0])
+        return build_cache(cfg, env, data, teacher, record, amp_dtype(cfg, env.device), member)
 
 
 class OtherRankFailed(RuntimeError):
@@ -73,14 +85,14 @@ USER_ERRORS = (ConfigError, DataError, CacheError, CheckpointError, NoSpaceError
                LockUnsupported, LockWaitTimeout, OtherRankFailed)
 
 
-def lock_names(command: str, mode: str) -> list[str]:
+def lock_names(command: str, mode: str, n: int = 0, member: int = 0) -> list[str]:
     """The locks a command takes: its stage's own, so that different stages of one run dir (the
     Slurm chain's two students) run side by side; `pipeline` takes the run dir's and every stage's.
     What two stages share has a lock of its own, taken while it is used: the logits cache's
     (teacher_logits.cache_lock), held by cache-logits while it checks and builds the cache and
     by a KD student while it reads it, in whichever run dir each runs (a sweep point links to
     the cache it reads)."""
-    held = [stage.lock for stage in stages.of_command(command, mode)]
+    held = [stage.lock for stage in stages.of_command(command, mode, n, member)]
     return [stages.RUN_DIR_LOCK, *held] if command == stages.ALL_COMMAND else held
 
 
@@ -94,17 +106,31 @@ def make_run_dir(run_dir: Path) -> None:
         raise ConfigError(f"cannot create run.dir {run_dir}: {e.strerror}") from None
 
 
-def set_up(cfg: Config, env: distributed.DistEnv, command: str, mode: str, locks: list[BaseFileLock]) -> None:
+def check_request(cfg: Config, command: str, mode: str, member: int) -> None:
+    """ConfigError for a command that names a stage this config has not: the ensemble's student
+    or a teacher member without an ensemble that large."""
+    n = ensemble.size(cfg)
+    if command == stages.STUDENT_KD_ENSEMBLE.command and mode == stages.STUDENT_KD_ENSEMBLE.mode and n < 2:
+        raise ConfigError(f"--mode {mode} trains the student of an ensemble: set kd.ensemble=N (N >= 2)")
+    if member and command != stages.TEACHER.command:
+        raise ConfigError(f"--member is for {stages.TEACHER.command} only")
+    if member > n or member < 0:
+        raise ConfigError(f"--member {member}: this config has {n} teacher(s) (kd.ensemble={cfg.kd.ensemble})")
+
+
+def set_up(cfg: Config, env: distributed.DistEnv, command: str, mode: str, locks: list[BaseFileLock],
+           member: int = 0) -> None:
     """The checks and claims before any work. Every rank: the models and the teacher file, before
     any data is prepared. Rank 0: W&B (a missing API key fails here, not after an epoch), the run
     dir, its locks (into `locks`, so the caller releases them whatever happens), the config."""
-    preflight(cfg, env, command, mode)
+    check_request(cfg, command, mode, member)
+    preflight(cfg, env, command, mode, member)
     soft_locks()  # a bad KD_DDP_LOCKS or KD_DDP_LOCK_WAIT_S is refused on every rank, before any lock
     wait_bound()
     if env.is_main:
         tracking.preflight(cfg)
         make_run_dir(cfg.run_dir)
-        for name in lock_names(command, mode):
+        for name in lock_names(command, mode, ensemble.size(cfg), member):
             locks.append(lock_run_dir(cfg.run_dir, name))
         atomic_write_json(cfg.run_dir / f"config.{command}.json", cfg.to_dict())
 
@@ -126,11 +152,11 @@ def share_failure(error: Exception | None, env: distributed.DistEnv) -> None:
 
 
 def set_up_together(cfg: Config, env: distributed.DistEnv, command: str, mode: str,
-                    locks: list[BaseFileLock]) -> None:
+                    locks: list[BaseFileLock], member: int = 0) -> None:
     """set_up on every rank, ending every rank if it failed on any. Not KeyboardInterrupt: each
     rank gets its own SIGINT, and a rank held in a collective could not take it."""
     try:
-        set_up(cfg, env, command, mode, locks)
+        set_up(cfg, env, command, mode, locks, member)
     except Exception as e:
         # The rank's own error is what it reports, even if the others can no longer be told.
         with contextlib.suppress(Exception):
@@ -140,9 +166,9 @@ def set_up_together(cfg: Config, env: distributed.DistEnv, command: str, mode: s
 
 
 def run_stage(cfg: Config, command: str, mode: str = "kd", wandb_report: bool = False,
-              push_wandb_report: bool = False) -> dict[str, Any]:
+              push_wandb_report: bool = False, member: int = 0) -> dict[str, Any]:
     """Run a command's stages (one, or all for `pipeline`) in this process, which may be one
-    rank of many.
+    rank of many. `member` > 0: train-teacher trains that teacher of the ensemble alone.
 
     `wandb_report` / `push_wandb_report` (report only): build the W&B report (saved when
     online with an API key, else its spec JSON beside report.md) / push a saved spec.
@@ -151,11 +177,11 @@ def run_stage(cfg: Config, command: str, mode: str = "kd", wandb_report: bool = 
     setup_logging(env.rank)
     locks: list[BaseFileLock] = []
     try:
-        set_up_together(cfg, env, command, mode, locks)
+        set_up_together(cfg, env, command, mode, locks, member)
         start = time.perf_counter()
         if command == stages.REPORT.command:
             return report_only(cfg, env, wandb_report, push_wandb_report)
-        result = run_stages(cfg, env, command, mode)
+        result = run_stages(cfg, env, command, mode, member)
         if env.is_main:
             log.info("%s finished in %.1f s", command, time.perf_counter() - start)
         return result
@@ -165,15 +191,16 @@ def run_stage(cfg: Config, command: str, mode: str = "kd", wandb_report: bool = 
         distributed.teardown()
 
 
-def run_stages(cfg: Config, env: distributed.DistEnv, command: str, mode: str) -> dict[str, Any]:
+def run_stages(cfg: Config, env: distributed.DistEnv, command: str, mode: str, member: int = 0) -> dict[str, Any]:
     """Prepare the data, then each stage of the command in order; their results by key."""
     data = prepare_data(cfg, env)
     if command == stages.PREPARE.command:
         write_loader_files(cfg, data, env)
     result: dict[str, Any] = {}
-    for stage in stages.of_command(command, mode):
+    for stage in stages.of_command(command, mode, ensemble.size(cfg), member):
         if stage.trains:
-            result[stage.key] = train_stage(cfg, env, data, stage.name)
+            stage_cfg = ensemble.member_config(cfg, stage.member) if stage.member else cfg
+            result[stage.key] = train_stage(stage_cfg, env, data, stage.name)
         elif stage is stages.CACHE and (command == stage.command or cfg.kd.teacher == "cached"):
             result["cache"] = cache_logits(cfg, env, data)  # a pipeline with a live teacher needs none
         elif stage is stages.REPORT and env.is_main:
@@ -186,8 +213,9 @@ def report_and_print(cfg: Config) -> dict[str, Any]:
     from kd_ddp.report import build_report
 
     results = build_report(cfg)
-    width = max(len(s.label) for s in stages.TRAINED)
-    for stage in stages.TRAINED:
+    trained = [s for s in stages.trained(ensemble.size(cfg)) if s.key in results]
+    width = max(len(s.label) for s in trained)
+    for stage in trained:
         print(f"{stage.label:<{width}}  test_acc {results[stage.key]['test_acc']:.4f}")
     print(f"report: {cfg.run_dir / stages.REPORT.name / 'report.md'}", flush=True)
     return results
@@ -235,7 +263,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Confi
     p.add_argument("--config", metavar="FILE", help="JSON or YAML config (kd-ddp config prints one); "
                                                     "the overrides apply over it")
     p.add_argument("--format", choices=("yaml", "json"), default="yaml", help="config only: output format")
-    p.add_argument("--mode", choices=stages.MODES, default="kd", help="train-student only")
+    p.add_argument("--mode", choices=stages.MODES, default="kd", help="train-student only (kd-ensemble: the "
+                   "student of an ensemble, kd.ensemble=N)")
+    p.add_argument("--member", type=int, default=0, metavar="I",
+                   help="train-teacher only: train teacher I of the ensemble alone (default: every teacher)")
     p.add_argument("--wandb-report", action="store_true",
                    help="report only: build the W&B report (saved if online with an API key, "
                         "else written as report/wandb_report.json)")
@@ -262,7 +293,7 @@ def run_command(argv: list[str] | None = None) -> int:
         if args.stage == "doctor":  # versions, GPUs, FFCV, filesystems: kd_ddp/doctor.py
             from kd_ddp import doctor
             return doctor.main(cfg)
-        run_stage(cfg, args.stage, args.mode, args.wandb_report, args.push_wandb_report)
+        run_stage(cfg, args.stage, args.mode, args.wandb_report, args.push_wandb_report, args.member)
     except USER_ERRORS as e:
         print(f"kd-ddp: error: {e}", file=sys.stderr)
         return 2

@@ -122,6 +122,16 @@ class KDConfig:
     # The "normal" student regresses one-hot targets with MSE. `logits` follows the seed
     # notebook (MSE on raw outputs); `softmax` is the Brier score.
     mse_input: str = "logits"
+    # Distill an ensemble too: 0 = off (one teacher); N >= 2 = N teachers (teacher/ and teacher-2/ ...
+    # teacher-N/, each a stage of its own), every member's logits cached, and a third student,
+    # student-kd-ensemble, trained on the ensemble's soft targets: the mean of the members'
+    # probabilities at kd.temperature (README, "Ensembles").
+    ensemble: int = 0
+    # Members 2..N, one entry each (empty: all like model.teacher, each with a seed of its own).
+    # An entry is a model form (trained here with its own seed: teacher_cnn_lite, torchvision:resnet18,
+    # pkg.mod:fn), @PATH (adopted: a kd-ddp run dir's teacher, or a kd-ddp checkpoint; both record
+    # their architecture) or FORM@PATH (adopted: a plain state_dict file made as FORM).
+    ensemble_members: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -680,6 +690,7 @@ def validate(cfg: Config) -> None:
     need(0.0 <= cfg.kd.alpha <= 1.0, f"kd.alpha={cfg.kd.alpha}: must be in [0, 1]")
     need(cfg.kd.temperature > 0, f"kd.temperature={cfg.kd.temperature}: must be > 0")
     need(cfg.kd.views >= 1, f"kd.views={cfg.kd.views}: must be >= 1")
+    problems += _ensemble_problems(cfg)
     need(cfg.optim.epochs >= 1, f"optim.epochs={cfg.optim.epochs}: must be >= 1")
     for name in ("teacher_epochs", "student_epochs"):
         v = getattr(cfg.optim, name)
@@ -708,6 +719,40 @@ def validate(cfg: Config) -> None:
     problems += _slurm_problems(cfg) + _script_text_problems(leaves)
     if problems:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+
+
+def member_form(entry: str) -> tuple[str, str]:
+    """A `kd.ensemble_members` entry as (model form, path): ("teacher_cnn_lite", "") trains,
+    ("", "runs/a") adopts a kd-ddp run dir's teacher or checkpoint, ("torchvision:resnet18",
+    "w.pt") adopts a plain state_dict file made as that form. The form is split at the first
+    "@": a model form holds none."""
+    form, sep, path = entry.partition("@")
+    return form.strip(), path.strip() if sep else ""
+
+
+def _ensemble_problems(cfg: Config) -> list[str]:
+    n, members = cfg.kd.ensemble, cfg.kd.ensemble_members
+    if n == 0 and not members:
+        return []
+    if n < 2:
+        return [f"kd.ensemble={n}: an ensemble needs at least 2 teachers (kd.ensemble=N, N >= 2; 0 = one teacher, "
+                "no ensemble)" + (f"; kd.ensemble_members lists {len(members)}" if members else "")]
+    if members and len(members) != n - 1:
+        return [f"kd.ensemble_members lists {len(members)} member(s), kd.ensemble={n} needs {n - 1}: one entry per "
+                f"member 2..{n} (member 1 is the run's own teacher), or none (all like model.teacher)"]
+    problems = []
+    for i, entry in enumerate(members, start=2):
+        form, path = member_form(entry)
+        if "@" in entry and not path:
+            problems.append(f"kd.ensemble_members: member {i} {entry!r}: no path after '@'")
+        if not form and not path:
+            problems.append(f"kd.ensemble_members: member {i} is empty: give a model form, @PATH or FORM@PATH")
+        if form:
+            try:
+                model_kind(form)
+            except ConfigError as e:
+                problems.append(f"kd.ensemble_members: member {i}: {e}")
+    return problems
 
 
 def _slurm_problems(cfg: Config) -> list[str]:

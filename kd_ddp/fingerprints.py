@@ -20,15 +20,19 @@ from kd_ddp.data import PreparedData
 from kd_ddp.models import architecture
 from kd_ddp.teacher_logits import RECORD_FIELDS, TeacherRecord
 
+# how an ensemble's members are combined (kd_ddp.ensemble, losses.ensemble_logits), as fingerprints record it
+ENSEMBLE_RULE = "mean-of-probabilities-at-T"
+
 # optim fields of one role (teacher or students): a stage's fingerprint has them as its
 # resolved "epochs", "lr" and "warmup_epochs"
 PER_ROLE_OPTIM = ("teacher_epochs", "student_epochs", "student_lr", "student_warmup_epochs")
 
 
 def stage_fingerprint(cfg: Config, stage: str, data: PreparedData, precision: str,
-                      teacher: TeacherRecord | None = None) -> dict[str, Any]:
+                      teacher: TeacherRecord | list[TeacherRecord] | None = None) -> dict[str, Any]:
     """Everything that changes a stage's result; a checkpoint or summary made under another
-    is refused (checkpoint) or not reused (summary)."""
+    is refused (checkpoint) or not reused (summary). `teacher`: the KD student's teacher's
+    record, or the ensemble student's members' records (a changed member changes it)."""
     role = stages.role_of(stage)
     fp: dict[str, Any] = {
         "stage": stage,
@@ -46,13 +50,17 @@ def stage_fingerprint(cfg: Config, stage: str, data: PreparedData, precision: st
         fp["sync_bn"] = True
     if stage == stages.STUDENT_NORMAL.name:
         fp["mse_input"] = cfg.kd.mse_input
-    if stage == stages.STUDENT_KD.name:
+    if stages.get(stage).ensemble:
+        members = teacher if isinstance(teacher, list) else []
+        fp["kd"] = {"alpha": cfg.kd.alpha, "temperature": cfg.kd.temperature, "teacher": cfg.kd.teacher,
+                    "ensemble": [m.key() for m in members], "rule": ENSEMBLE_RULE}
+    elif stages.get(stage).distills:
         # the teacher's whole record (weights, architecture, the precision of its logits), not
         # its weights alone: another architecture of the same parameters gives other logits
-        record = teacher.key() if teacher else {"teacher_weights": ""}
+        record = teacher.key() if isinstance(teacher, TeacherRecord) else {"teacher_weights": ""}
         fp["kd"] = {"alpha": cfg.kd.alpha, "temperature": cfg.kd.temperature, "teacher": cfg.kd.teacher} | record
-        if cfg.kd.teacher == "cached":  # a live teacher reads no cache: its views and dtype do not matter
-            fp["kd"] |= {"views": cfg.kd.views, "cache_dtype": cfg.kd.cache_dtype}
+    if "kd" in fp and cfg.kd.teacher == "cached":  # a live teacher reads no cache: its views and dtype do not matter
+        fp["kd"] |= {"views": cfg.kd.views, "cache_dtype": cfg.kd.cache_dtype}
     return fp
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -36,3 +38,13 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: 
     log_p_teacher = F.log_softmax(teacher_logits.float() / temperature, dim=1)
     kl = F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True)
     return alpha * ce + (1.0 - alpha) * temperature**2 * kl
+
+
+def ensemble_logits(member_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """The ensemble of `member_logits` [members, batch, classes] at `temperature`, as logits:
+    T * log(mean_i softmax(z_i / T)), whose softmax at T is the mean of the members'
+    probabilities exactly (kd_loss takes them as a teacher's logits). At T = 1 their argmax is
+    the ensemble's prediction."""
+    z = member_logits.float() / temperature
+    n = member_logits.shape[0]
+    return temperature * (torch.logsumexp(F.log_softmax(z, dim=-1), dim=0) - math.log(n))

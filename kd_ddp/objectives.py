@@ -42,14 +42,16 @@ def teacher_logits_source(cfg: Config, data: PreparedData, env: DistEnv,
 
 def make_objective(cfg: Config, stage: str, teacher: TeacherLogits | None) -> Objective:
     """The stage's loss, chosen once: CE for the teacher, MSE on one-hot labels for the
-    normal student, the KD loss (with the teacher's logits for the same view) for the other."""
-    if stage == stages.TEACHER.name:
+    normal student, the KD loss (with the teacher's logits for the same view) for the KD
+    students; the ensemble's student takes the ensemble's logits (kd_ddp.ensemble) as its
+    teacher's, so its loss is the seed's formula on the ensemble's soft targets."""
+    if stages.role_of(stage) == stages.TEACHER_ROLE:  # the teacher, or a member of its ensemble
         smoothing = cfg.optim.label_smoothing
         return lambda logits, x, labels, idx, view: losses.teacher_loss(logits, labels, smoothing)
     if stage == stages.STUDENT_NORMAL.name:
         on = cfg.kd.mse_input
         return lambda logits, x, labels, idx, view: losses.mse_onehot_loss(logits, labels, on)
-    assert stage == stages.STUDENT_KD.name and teacher is not None, stage
+    assert stages.get(stage).distills and teacher is not None, stage
     alpha, temperature = cfg.kd.alpha, cfg.kd.temperature
     return lambda logits, x, labels, idx, view: losses.kd_loss(logits, teacher(x, idx, view), labels,
                                                                alpha, temperature)

@@ -84,19 +84,20 @@ def without_record_fields(key: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in key.items() if k not in RECORD_FIELDS}
 
 
-def cache_dir(cfg: Config) -> Path:
-    return cfg.run_dir / stages.CACHE.name
+def cache_dir(cfg: Config, member: int = 1) -> Path:
+    """The logits cache of the run's teacher, or of ensemble member `member` (stages.cache_name)."""
+    return cfg.run_dir / stages.cache_name(member)
 
 
-def cache_lock_path(cfg: Config) -> Path:
+def cache_lock_path(cfg: Config, member: int = 1) -> Path:
     """Beside the cache's real directory: a sweep point's run dir links to a shared cache, and
     its students must take the lock the cache's builder takes, not one of their own run dir."""
-    real = cache_dir(cfg).resolve()
+    real = cache_dir(cfg, member).resolve()
     return real.parent / f".kd-ddp.{real.name}.lock"
 
 
 @contextlib.contextmanager
-def cache_lock(cfg: Config, env: DistEnv) -> Iterator[None]:
+def cache_lock(cfg: Config, env: DistEnv, member: int = 1) -> Iterator[None]:
     """Hold the cache's lock while this job's ranks check, build or load the cache. Rank 0
     takes it (waiting its turn, see locks.file_lock); the other ranks touch the files only
     once it holds it, and it lets go only once they are done."""
@@ -104,7 +105,7 @@ def cache_lock(cfg: Config, env: DistEnv) -> Iterator[None]:
         failed = ("", "")
         if env.is_main:
             try:
-                held.enter_context(file_lock(cache_lock_path(cfg)))
+                held.enter_context(file_lock(cache_lock_path(cfg, member)))
             except (LockWaitTimeout, LockUnsupported) as e:
                 failed = (type(e).__name__, str(e))
         # rank 0 tells the others whether it holds the lock: one that gave up waiting must not
@@ -177,11 +178,11 @@ def _corrupted(path: Path) -> CacheError:
     return CacheError(f"the cache file {path} is corrupted (checksum mismatch): {REBUILD}")
 
 
-def check_cache(cfg: Config, data: PreparedData, teacher: TeacherRecord) -> dict[str, Any]:
+def check_cache(cfg: Config, data: PreparedData, teacher: TeacherRecord, member: int = 1) -> dict[str, Any]:
     """The manifest of a cache usable for this run, else CacheError saying what is wrong
     (the file is checksummed as it lies on disk; a reader uses LogitsCache, which checksums
     what it reads)."""
-    d = cache_dir(cfg)
+    d = cache_dir(cfg, member)
     manifest = _read_manifest(d)
     _check_key(cfg, data, teacher, manifest, d)
     path = d / "logits.npy"
@@ -208,8 +209,9 @@ class LogitsCache:
     """The cached logits in memory (they are small); `lookup(view, idx)` gives a batch's.
     Hold `cache_lock` while constructing one (train.teacher_logits_source does)."""
 
-    def __init__(self, cfg: Config, data: PreparedData, teacher: TeacherRecord, device: torch.device) -> None:
-        d = cache_dir(cfg)
+    def __init__(self, cfg: Config, data: PreparedData, teacher: TeacherRecord, device: torch.device,
+                 member: int = 1) -> None:
+        d = cache_dir(cfg, member)
         self.manifest = _read_manifest(d)
         _check_key(cfg, data, teacher, self.manifest, d)
         array = np.load(io.BytesIO(_read_verified(d / "logits.npy", self.manifest)))
@@ -249,7 +251,7 @@ def _open_rows(path: Path, dtype: str, shape: tuple[int, ...]) -> np.memmap:
 
 
 def build_cache(cfg: Config, env: DistEnv, data: PreparedData, teacher: nn.Module, record: TeacherRecord,
-                amp_dtype: torch.dtype | None) -> dict[str, Any]:
+                amp_dtype: torch.dtype | None, member: int = 1) -> dict[str, Any]:
     """Every rank computes its shard (a contiguous range of samples) of every view; rank 0
     joins them into the cache file, checksums it and renames it into place, so a reader sees
     a complete cache or none.
@@ -258,8 +260,11 @@ def build_cache(cfg: Config, env: DistEnv, data: PreparedData, teacher: nn.Modul
     every other rank into a shard file of its own, which rank 0 copies in. Ranks on other
     nodes writing rows of one shared memory-mapped file could lose rows on NFS, where a
     node's page write-back carries the stale neighbouring rows of that page with it.
+
+    `member`: the ensemble member whose cache this is (stages.cache_name); its views are the
+    student's (cfg.seed), whatever seed the member was trained with.
     """
-    d = cache_dir(cfg)
+    d = cache_dir(cfg, member)
     n, classes, views = data.size("train"), data.num_classes, cfg.kd.views
     start = time.perf_counter()
     if env.is_main:

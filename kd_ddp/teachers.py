@@ -38,17 +38,23 @@ log = logging.getLogger(__name__)
 ROLE = stages.TEACHER_ROLE
 
 
-def teacher_dir(cfg: Config) -> Path:
-    return cfg.run_dir / stages.TEACHER.name
+def teacher_dir(cfg: Config, stage: str = stages.TEACHER.name) -> Path:
+    """The run-dir entry of the teacher, or of ensemble member `stage` (`teacher-2`, ...)."""
+    return cfg.run_dir / stage
 
 
-def load_trained_teacher(cfg: Config, data: PreparedData, env: DistEnv) -> tuple[nn.Module, TeacherRecord]:
-    """The run dir's teacher, and its record: weights hash, architecture, and the precision
-    this run computes its logits in. A checkpoint that records another architecture than this
-    config's teacher is refused, even when its weights fit (same parameters, other stem)."""
-    path = teacher_dir(cfg) / "checkpoint.pt"
-    if not (teacher_dir(cfg) / "summary.json").is_file():
-        raise CheckpointError(f"no trained teacher in {path.parent}: run `kd-ddp {stages.TEACHER.command}` first")
+def load_trained_teacher(cfg: Config, data: PreparedData, env: DistEnv,
+                         stage: str = stages.TEACHER.name) -> tuple[nn.Module, TeacherRecord]:
+    """The run dir's teacher (or ensemble member `stage`, with `cfg` its member config:
+    kd_ddp.ensemble.member_config), and its record: weights hash, architecture, and the
+    precision this run computes its logits in. A checkpoint that records another architecture
+    than this config's teacher is refused, even when its weights fit (same parameters, other stem)."""
+    path = teacher_dir(cfg, stage) / "checkpoint.pt"
+    if not (teacher_dir(cfg, stage) / "summary.json").is_file():
+        member = stages.get(stage).member
+        hint = f" --member {member}" if member > 1 else ""
+        raise CheckpointError(f"no trained teacher in {path.parent}: run `kd-ddp {stages.TEACHER.command}{hint}` "
+                              "first")
     state = load_checkpoint(path)
     held = state.get("fingerprint_fields", {})
     teacher = make_model(cfg, ROLE, data.num_classes, env.device)
@@ -118,33 +124,34 @@ def read_teacher_file(path: Path) -> tuple[dict[str, torch.Tensor], Any]:
     return state, held
 
 
-def adopt_teacher(cfg: Config, env: DistEnv, data: PreparedData) -> dict[str, Any]:
+def adopt_teacher(cfg: Config, env: DistEnv, data: PreparedData, stage: str = stages.TEACHER.name) -> dict[str, Any]:
     """train-teacher with `model.teacher_checkpoint`: no training. The file's weights go into
     this config's teacher, which is evaluated on the test split as a trained one is, and kept
     as the run dir's teacher checkpoint (fingerprinted by the weights hash), so that the
     logits cache, the KD student and the report take it as they take a trained teacher. A
-    trained teacher already in the run dir is never overwritten (refused, as resuming is)."""
+    trained teacher already in the run dir is never overwritten (refused, as resuming is).
+    An ensemble member (`stage` teacher-<i>) is adopted the same way into its own entry."""
     source = Path(cfg.model.teacher_checkpoint)
     dtype = amp_dtype(cfg, env.device)
     teacher = make_model(cfg, ROLE, data.num_classes, env.device)
     weights, recorded = read_teacher_file(source)
     load_weights_into(teacher, weights, source, cfg, held=recorded)
     refuse_another_architecture(cfg, recorded, source)
-    fp = {"stage": stages.TEACHER.name, "adopted": weights_hash(teacher.state_dict()), "data": data.content_hash,
+    fp = {"stage": stage, "adopted": weights_hash(teacher.state_dict()), "data": data.content_hash,
           "model": architecture(cfg, ROLE), "precision": precision_name(dtype)}
-    out = teacher_dir(cfg)
+    out = teacher_dir(cfg, stage)
     done = finished_summary(out / "summary.json", accepted_fingerprints(fp))
     if done is not None:
         if env.is_main:
-            log.info("teacher: already adopted from %s, test_acc=%.4f", source, done["test_acc"])
+            log.info("%s: already adopted from %s, test_acc=%.4f", stage, source, done["test_acc"])
         return done
     if (out / "checkpoint.pt").is_file():
         held = load_checkpoint(out / "checkpoint.pt")
         if "adopted" not in held.get("fingerprint_fields", {}):  # a trained teacher: keep it
             refuse_another_config(held, fp, out / "checkpoint.pt", accepted_fingerprints(fp))
-    tracker = start_stage(cfg, stages.TEACHER.name, env) if env.is_main else StageTracker()
+    tracker = start_stage(cfg, stage, env) if env.is_main else StageTracker()
     try:
-        summary = _evaluate_adopted(cfg, env, data, teacher, source, fp)
+        summary = _evaluate_adopted(cfg, env, data, teacher, source, fp, stage)
     except BaseException:
         tracker.abort(1)
         raise
@@ -154,16 +161,16 @@ def adopt_teacher(cfg: Config, env: DistEnv, data: PreparedData) -> dict[str, An
 
 
 def _evaluate_adopted(cfg: Config, env: DistEnv, data: PreparedData, teacher: nn.Module, source: Path,
-                      fp: dict[str, Any]) -> dict[str, Any]:
+                      fp: dict[str, Any], stage: str) -> dict[str, Any]:
     """The adopted teacher's test accuracy (every rank its shard), its summary; rank 0 writes
     the teacher's checkpoint, an empty metrics.jsonl (no epochs) and the summary."""
     dtype = amp_dtype(cfg, env.device)
-    out = teacher_dir(cfg)
+    out = teacher_dir(cfg, stage)
     mean, std = data.stats(env.device)
     start = time.perf_counter()
     test_loss, test_acc = evaluate(teacher, EvalLoader(cfg, data, env), env, mean, std, cfg, dtype)
     summary = {
-        "stage": stages.TEACHER.name, "adopted_from": str(source.resolve()), "test_acc": test_acc,
+        "stage": stage, "adopted_from": str(source.resolve()), "test_acc": test_acc,
         "test_loss": test_loss, "epochs": 0, "train_time_s": 0.0, "images_per_s": 0.0,
         "eval_time_s": round(time.perf_counter() - start, 3), "world_size": env.world_size,
         "backend": env.backend, "device": str(env.device), "machine": machine(env), "amp": precision_name(dtype),
@@ -176,6 +183,6 @@ def _evaluate_adopted(cfg: Config, env: DistEnv, data: PreparedData, teacher: nn
             "config": cfg.to_dict(), "num_classes": data.num_classes, "adopted_from": summary["adopted_from"]})
         write_metrics(out / "metrics.jsonl", [])  # no epochs: nothing was trained
         atomic_write_json(out / "summary.json", summary)
-        log.info("teacher: adopted %s (%s), not trained: test_acc %.4f, test_loss %.4f", source,
+        log.info("%s: adopted %s (%s), not trained: test_acc %.4f, test_loss %.4f", stage, source,
                  summary["model"]["name"], test_acc, test_loss)
     return summary

@@ -46,6 +46,7 @@ from kd_ddp.checkpoint import atomic_write_json, load_checkpoint, save_checkpoin
 from kd_ddp.config import Config, fingerprint
 from kd_ddp.data import EvalLoader, PreparedData, TrainLoader, resolve_loader
 from kd_ddp.distributed import DistEnv, all_gather_object, all_reduce_sum, all_reduce_tensor, barrier
+from kd_ddp.ensemble import ensemble_facts, ensemble_source, refuse_other_data
 from kd_ddp.evaluation import broadcast_buffers, evaluate
 from kd_ddp.fingerprints import accepted_fingerprints, finished_summary, refuse_another_config, stage_fingerprint
 from kd_ddp.metrics_io import read_metrics_prefix, write_metrics
@@ -361,7 +362,7 @@ class Trainer:
         """The augmentation view of an epoch. Cached KD can only replay the kd.views views it
         has logits for; everything else (the live teacher too: the seed's way) sees a fresh
         view per epoch, so a live-vs-cached comparison measures what the reuse costs."""
-        if self.stage == stages.STUDENT_KD.name and self.cfg.kd.teacher == "cached":
+        if stages.get(self.stage).distills and self.cfg.kd.teacher == "cached":
             return epoch % self.cfg.kd.views
         return epoch
 
@@ -479,7 +480,7 @@ class Trainer:
             "peak_cuda_mb": round(torch.cuda.max_memory_allocated(env.device) / 2**20, 1)
             if env.device.type == "cuda" else None,
         }
-        if self.stage == stages.STUDENT_KD.name:
+        if stages.get(self.stage).distills:
             kd = self.cfg.kd
             summary["kd"] = {"alpha": kd.alpha, "temperature": kd.temperature, "teacher": kd.teacher,
                              "views": kd.views, "cache_dtype": kd.cache_dtype if kd.teacher == "cached" else None}
@@ -490,17 +491,24 @@ class Trainer:
 
 
 def train_stage(cfg: Config, env: DistEnv, data: PreparedData, stage: str) -> dict[str, Any]:
-    """Train one of the three models; resumes from its checkpoint, skips if already done.
-    A teacher given as `model.teacher_checkpoint` is adopted instead (adopt_teacher)."""
-    if stage == stages.TEACHER.name and cfg.model.teacher_checkpoint:
-        return adopt_teacher(cfg, env, data)
+    """Train one model; resumes from its checkpoint, skips if already done. A teacher given as
+    `model.teacher_checkpoint` is adopted instead (adopt_teacher). An ensemble member (teacher-<i>)
+    takes its member config (kd_ddp.ensemble.member_config) as `cfg`."""
+    if stages.get(stage).member and cfg.model.teacher_checkpoint:
+        refuse_other_data(cfg, stages.get(stage).member, data)
+        return adopt_teacher(cfg, env, data, stage)
     dtype = amp_dtype(cfg, env.device)
     teacher: TeacherLogits | None = None
-    record: TeacherRecord | None = None
-    if stage == stages.STUDENT_KD.name:
+    record: TeacherRecord | list[TeacherRecord] | None = None
+    ensemble: dict[str, Any] | None = None
+    if stages.get(stage).ensemble:
+        teacher, record, members = ensemble_source(cfg, data, env, dtype)
+        ensemble = {"models": members}
+    elif stages.get(stage).distills:
         teacher, record = teacher_logits_source(cfg, data, env, dtype)
     fp = stage_fingerprint(cfg, stage, data, precision_name(dtype), record)
-    accepted = accepted_fingerprints(fp, cfg.optim.student_lr, record is not None and record.legacy_ok)
+    legacy_ok = isinstance(record, TeacherRecord) and record.legacy_ok
+    accepted = accepted_fingerprints(fp, cfg.optim.student_lr, legacy_ok)
     summary_path = cfg.run_dir / stage / "summary.json"
     done = finished_summary(summary_path, accepted)
     if done is not None:
@@ -514,6 +522,8 @@ def train_stage(cfg: Config, env: DistEnv, data: PreparedData, stage: str) -> di
         trainer.resume()
         tracker = start_stage(cfg, stage, env) if env.is_main else tracker
         summary = trainer.fit(tracker)
+        if ensemble is not None:  # the ensemble's own accuracy beside its student's (every rank evaluates)
+            summary["ensemble"] = ensemble_facts(cfg, data, env, ensemble["models"], record, dtype)
         if env.is_main:
             atomic_write_json(summary_path, summary)
         tracker.finish(summary)
