@@ -246,6 +246,15 @@ def _fmt(v: Any) -> str:
     return "-" if v is None else f"{v:g}" if isinstance(v, float) else str(v)
 
 
+def _diff(before: Any, after: Any) -> str:
+    """after - before, of numbers or of "top/all" pairs."""
+    if isinstance(before, str) and isinstance(after, str):
+        return "/".join(_diff(int(b), int(a)) for b, a in zip(before.split("/"), after.split("/"), strict=True))
+    if isinstance(before, int | float) and isinstance(after, int | float):
+        return f"{after - before:+g}"
+    return ""
+
+
 def markdown(runs: dict[str, dict[str, Any]], top: int = 8) -> str:
     cols = list(runs)
     out = ["| role | per step | " + " | ".join(cols) + (" | after - before |" if len(cols) == 2 else " |"),
@@ -264,8 +273,7 @@ def markdown(runs: dict[str, dict[str, Any]], top: int = 8) -> str:
         for i, (name, vals) in enumerate(rows):
             diff = ""
             if len(cols) == 2:
-                a, b = vals
-                diff = f" {b - a:+g} |" if isinstance(a, int | float) and isinstance(b, int | float) else " |"
+                diff = f" {_diff(*vals)} |"
             out.append(f"| {role if i == 0 else ''} | {name} | " + " | ".join(_fmt(v) for v in vals) + " |" + diff)
     out += ["", "Top aten ops by count per step (all levels):", ""]
     for role in ROLES:
@@ -279,6 +287,15 @@ def markdown(runs: dict[str, dict[str, Any]], top: int = 8) -> str:
     return "\n".join(out)
 
 
+def run(checkouts: dict[str, Path], batch: int = 64, steps: int = 3) -> dict[str, dict[str, Any]]:
+    """Each checkout's counts (column name -> checkout), one subprocess each, in order."""
+    runs = {}
+    for col, repo in checkouts.items():
+        print(f"{col}: {repo}", file=sys.stderr, flush=True)
+        runs[col] = measure(repo.resolve(), batch, steps)
+    return runs
+
+
 def main() -> None:
     p = argparse.ArgumentParser(prog="python -m benchmarks.kernel_count")
     p.add_argument("--repo", type=Path, help="a baseline checkout (before) to measure beside this one (after)")
@@ -290,11 +307,7 @@ def main() -> None:
     if a.worker:
         _worker(a.worker, a.batch, a.steps)
         return
-    checkouts = {"before": a.repo.resolve(), "after": HERE} if a.repo else {"this checkout": HERE}
-    runs = {}
-    for col, repo in checkouts.items():
-        print(f"{col}: {repo}", file=sys.stderr, flush=True)
-        runs[col] = measure(repo, a.batch, a.steps)
+    runs = run({"before": a.repo, "after": HERE} if a.repo else {"this checkout": HERE}, a.batch, a.steps)
     print(f"Machine: {machine()}; batch {a.batch}, quick preset models, fp32, {runs[next(iter(runs))]['device']}")
     for col, r in runs.items():
         print(f"{col}: {r['repo']} at {r['revision']}")
@@ -302,7 +315,6 @@ def main() -> None:
     print(markdown(runs))
     if a.json:
         a.json.write_text(json.dumps({"machine": machine(), "batch": a.batch, "runs": runs}, indent=1) + "\n")
-
 
 if __name__ == "__main__":
     main()

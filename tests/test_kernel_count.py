@@ -62,4 +62,5 @@ def test_markdown_puts_before_and_after_side_by_side() -> None:
     assert "| role | per step | before | after | after - before |" in table
     assert "| teacher | aten ops, top-level | 10 | 7 | -3 |" in table
     assert "|  | aten ops, all | 30 | 21 | -9 |" in table
+    assert "|  |   forward: top-level / all | 10/30 | 7/21 | -3/-9 |" in table
     assert "aten::empty 10/7" in table
