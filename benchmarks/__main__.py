@@ -24,6 +24,7 @@ from benchmarks import (
     ddp,
     kd_accuracy,
     kd_epoch,
+    kernel_count,
     loader,
     loop_compare,
     memory,
@@ -34,7 +35,7 @@ from benchmarks import (
 from kd_ddp.tracking import cpu_name
 
 ALL = ("loader", "train_step", "compute_limit", "loop_compare", "kd_epoch", "kd_accuracy", "ddp", "memory", "pipeline",
-       "source_scan")
+       "source_scan", "kernel_count")
 
 
 def machine() -> str:
@@ -51,7 +52,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--batch", type=int, default=256, help="train_step: the batch of the step variants")
     p.add_argument("--baseline", default="",
-                   help="loop_compare: the git revision whose training loop this tree's is timed against")
+                   help="loop_compare, kernel_count: the git revision this tree's training loop (its step's op "
+                        "counts) is timed (counted) against")
     p.add_argument("--limit-preset", default="",
                    help="compute_limit: the preset whose stages are timed (default: seed-gpu on a GPU, quick on a CPU)")
     p.add_argument("--out", default=str(Path(__file__).parent), help="where results.md/json go")
@@ -114,6 +116,14 @@ def main() -> None:
             results["source_scan"] = source_scan.run(args.data_root)
             md += ["### Data identity: reading a directory source's listing (CIFAR-10 as an ImageFolder)", "",
                    source_scan.markdown(results["source_scan"]), ""]
+        if "kernel_count" in args.only:
+            trees = {"this tree": kernel_count.HERE}
+            if args.baseline:
+                trees = {args.baseline: loop_compare.extract(args.baseline, work / "kernel-count-base"), **trees}
+            results["kernel_count"] = kernel_count.run(trees)
+            md += ["### aten ops per training step of each role" + (f", vs revision {args.baseline}" if args.baseline
+                                                                    else ""), "",
+                   kernel_count.markdown(results["kernel_count"]), ""]
         if "ddp" in args.only:
             results["ddp"] = ddp.run(work / "ddp", cache)
             md += ["### DDP and memory", "", ddp.markdown(results["ddp"]), ""]
