@@ -5,6 +5,13 @@
 #
 #   bash scripts/reproduce_results.sh [section.field=value ...]
 #   STEPS="sweep live" bash scripts/reproduce_results.sh    # some of: seeds sweep live report publish
+#   STEPS="ensemble ensemble-publish" bash scripts/reproduce_results.sh   # results/ensemble/
+#
+# `ensemble` is a campaign of its own, on the quick preset (ENS_PRESET): an ensemble of
+# ENS_SIZE teachers per seed, its KD student beside the single-teacher KD student and the
+# normal student of the same seed (paired), in ENS_WORK; `ensemble-publish` copies it to
+# results/ensemble/ (no checkpoints or caches) and builds its report there. About 25 min
+# per seed on a 2-core CPU with the machine to itself.
 #
 # Hours on a 2-core CPU (per seed: teacher ~45 min, cache ~5 min, two students ~5 min each);
 # minutes on a GPU. WORK (default runs/results) holds checkpoints and caches; `publish`
@@ -21,6 +28,10 @@ TEMPS=${TEMPS:-"2 4 8"}
 SWEEP_EPOCHS=${SWEEP_EPOCHS:-10}
 COMMON=(--preset seed "tracking.wandb.mode=${WANDB_MODE:-offline}" "$@")
 steps=${STEPS:-"seeds sweep live report publish"}
+ENS_WORK=${ENS_WORK:-runs/ensemble-results}
+ENS_PRESET=${ENS_PRESET:-quick}
+ENS_SIZE=${ENS_SIZE:-3}
+ENS_COMMON=(--preset "$ENS_PRESET" "kd.ensemble=$ENS_SIZE" "tracking.wandb.mode=${WANDB_MODE:-offline}" "$@")
 
 # The sweep and the live run train KD students against seed 0's teacher (and cache): their
 # run dirs link to it, as the Slurm sweep does (launch/plan.py).
@@ -59,11 +70,24 @@ for step in $steps; do
         # results/ is replaced by WORK: refuse a WORK that lacks seed 0 (the run dir itself)
         [[ -f $WORK/teacher/summary.json ]] || { echo "publish: $WORK has no finished seed-0 teacher;" \
             "results/ is replaced by WORK, so run the seed-0 pipeline there first" >&2; exit 2; }
-        rm -rf results && mkdir results
+        # everything but results/ensemble/ (the ensemble campaign's, published on its own)
+        mkdir -p results && find results -mindepth 1 -maxdepth 1 ! -name ensemble -exec rm -rf {} +
         tar -C "$WORK" --exclude='*.pt' --exclude=logits.npy --exclude=wandb --exclude='.kd-ddp*.lock' \
             --exclude='*.tmp*' --exclude=report -cf - . | tar -C results -xf -
         find results -type l -delete  # the sweep's links to the teacher: the report does not need them
         "$KD" report "${COMMON[@]}" "run.dir=results" tracking.wandb.mode=disabled ;;
-    *) echo "unknown step $step (seeds sweep live report publish)" >&2; exit 2 ;;
+    ensemble)
+        for s in $SEEDS; do
+            dir=$ENS_WORK; [[ $s == 0 ]] || dir=$ENS_WORK/seeds/$s
+            "$KD" pipeline "${ENS_COMMON[@]}" "seed=$s" "run.dir=$dir"
+        done ;;
+    ensemble-publish)
+        [[ -f $ENS_WORK/student-kd-ensemble/summary.json ]] || { echo "ensemble-publish: $ENS_WORK has no" \
+            "finished seed-0 ensemble student; run STEPS=ensemble first" >&2; exit 2; }
+        rm -rf results/ensemble && mkdir -p results/ensemble
+        tar -C "$ENS_WORK" --exclude='*.pt' --exclude=logits.npy --exclude=wandb --exclude='.kd-ddp*.lock' \
+            --exclude='*.tmp*' --exclude=report -cf - . | tar -C results/ensemble -xf -
+        "$KD" report "${ENS_COMMON[@]}" "run.dir=results/ensemble" tracking.wandb.mode=disabled ;;
+    *) echo "unknown step $step (seeds sweep live report publish ensemble ensemble-publish)" >&2; exit 2 ;;
     esac
 done
