@@ -2,7 +2,8 @@
 
 A pure planner: from the preset and overrides to `Step`s (one per job, or per job array),
 each naming the stage it runs and the steps it waits for, in an order that submits parents
-first. `pipeline` is the pipeline's stages in order; `sweep` the same head (one teacher, a
+first. `pipeline` is the pipeline's stages in order (an ensemble's teachers as one job array,
+a task per member, which the cache job waits for as a whole); `sweep` the same head (one teacher, a
 logits cache per seed), then every point of the grid as one array of KD students in
 `<run.dir>/sweep/<name>/`, beside one normal student, and a report that runs once they all
 ended (afterany). A sweep's plan makes the points' run dirs and their links to the shared
@@ -23,12 +24,26 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kd_ddp import stages
+from kd_ddp import ensemble, stages
 from kd_ddp.config import Config, ConfigError, StageResources, load_config
-from kd_ddp.stages import CACHE, PREPARE, REPORT, STUDENT_KD, STUDENT_NORMAL, STUDENTS, TEACHER, Stage
+from kd_ddp.stages import (
+    CACHE,
+    PREPARE,
+    REPORT,
+    STUDENT_KD,
+    STUDENT_KD_ENSEMBLE,
+    STUDENT_NORMAL,
+    STUDENTS,
+    TEACHER,
+    Stage,
+)
 
 DEFAULT_MODE = "kd"  # kd_ddp.cli.run_stage's mode when none is given
-STEPS = tuple(s.step for s in stages.PIPELINE)  # the pipeline's steps, in the order they are submitted
+# The steps of a pipeline of one teacher, in the order they are submitted.
+PIPELINE_STEPS = tuple(s.step for s in stages.PIPELINE)
+# Every step a pipeline may have, in that order: an ensemble's adds its student's. Its teachers
+# are one job array, under the teacher's key (`train-teacher`), a task per member.
+STEPS = (*PIPELINE_STEPS[:-1], STUDENT_KD_ENSEMBLE.step, REPORT.step)
 # Sweepable keys change only the KD student: the teacher and the data stay shared.
 SWEEPABLE = ("kd.alpha", "kd.temperature", "seed", "kd.teacher", "optim.student_epochs", "optim.student_lr",
              "optim.student_warmup_epochs", "model.student", "model.student_width", "model.student_hidden")
@@ -45,10 +60,15 @@ class Step:
     stage: Stage  # the stage it runs
     configs: list[Config]  # one = a plain job, several = a job array
     after: list[str] = field(default_factory=list)  # keys of the steps it waits for (afterok)
-    names: list[str] = field(default_factory=list)  # sweep point names, one per array task
+    names: list[str] = field(default_factory=list)  # array tasks' names: sweep points, or teacher members' stages
     after_any: list[str] = field(default_factory=list)  # keys of steps it waits to end, however (afterany)
     points: dict[str, str] = field(default_factory=dict)  # sweep report: point name -> its run dir
     key: str = ""  # unique name of the job within one submission; default: the stage's step
+    members: list[int] = field(default_factory=list)  # an ensemble's teacher array: the member of each task
+
+    def task_stage(self, i: int) -> Stage:
+        """The stage task `i` runs: its member's, in a teacher array; else the step's."""
+        return stages.teacher_member(self.members[i]) if self.members else self.stage
 
     def __post_init__(self) -> None:
         self.key = self.key or self.stage.step
@@ -66,15 +86,37 @@ class Step:
 
 def pipeline_steps(cfg: Config, only: Iterable[str] = STEPS) -> list[Step]:
     """The pipeline as jobs, each waiting for the stage it reads (the students for the logits
-    cache when kd.teacher=cached, else for the teacher); of them the steps in `only`."""
+    cache when kd.teacher=cached, else for the teacher); of them the steps in `only`.
+
+    An ensemble (kd.ensemble=N, N >= 2): its N teachers are one job array under the teacher's
+    key, task i training member i+1 alone (`train-teacher --member i+1`), all at once; the
+    cache job (every member's cache) waits for the array, which afterok on the array's id
+    does for every task; its third student, student-kd-ensemble, is a job beside student-kd."""
     cached = cached_teacher(cfg)
     students_after = [CACHE.step] if cached else [TEACHER.step]
+    students = students_of(cfg)
     steps = [Step(PREPARE, [cfg]),
-             Step(TEACHER, [cfg], after=[PREPARE.step]),
+             teacher_step(cfg),
              *([Step(CACHE, [cfg], after=[TEACHER.step])] if cached else []),
-             *(Step(student, [cfg], after=students_after) for student in STUDENTS),
-             Step(REPORT, [cfg], after=[student.step for student in STUDENTS])]
+             *(Step(student, [cfg], after=students_after) for student in students),
+             Step(REPORT, [cfg], after=[student.step for student in students])]
     return select_steps(steps, set(only))
+
+
+def teacher_step(cfg: Config) -> Step:
+    """The teacher's job; an ensemble's teachers as one array, a task (and a config) per member,
+    named after the member's stage (teacher, teacher-2, ...)."""
+    n = ensemble.size(cfg)
+    if n < 2:
+        return Step(TEACHER, [cfg], after=[PREPARE.step])
+    members = stages.teachers(n)
+    return Step(TEACHER, [cfg] * n, after=[PREPARE.step], names=[m.name for m in members],
+                members=[m.member for m in members])
+
+
+def students_of(cfg: Config) -> tuple[Stage, ...]:
+    """The students a pipeline of this config trains: an ensemble's adds its own."""
+    return (*STUDENTS, STUDENT_KD_ENSEMBLE) if ensemble.size(cfg) >= 2 else STUDENTS
 
 
 def cached_teacher(cfg: Config) -> bool:
@@ -97,17 +139,24 @@ def select_steps(steps: list[Step], keep: set[str]) -> list[Step]:
     return [dataclasses.replace(s, after=kept_ancestors(s.key)) for s in steps if s.key in keep]
 
 
-def parse_stages(text: str) -> list[str]:
-    """--stages: `all`, or steps by their keys, the students' command standing for both."""
+def parse_stages(text: str, cfg: Config | None = None) -> list[str]:
+    """--stages: `all`, or steps by their keys, the students' command standing for every student
+    of `cfg`'s pipeline (both; an ensemble's three). A step that pipeline has not is refused: the
+    ensemble's student without kd.ensemble=N (no `cfg`: a pipeline of one teacher)."""
     if text == "all":
         return list(STEPS)
+    students = [s.step for s in students_of(cfg)] if cfg is not None else [s.step for s in STUDENTS]
     wanted: list[str] = []
     for name in (n.strip() for n in text.split(",") if n.strip()):
-        expanded = [s.step for s in STUDENTS] if name == STUDENT_KD.command else [name]
+        expanded = students if name == STUDENT_KD.command else [name]
         for key in expanded:
             if key not in STEPS:
-                raise ConfigError(f"--stages: unknown stage {name!r}; stages: {', '.join(STEPS)}, "
-                                  f"{STUDENT_KD.command} (= both students)")
+                member = key.startswith((TEACHER.step + stages.MEMBER_SEP, TEACHER.name + stages.MEMBER_SEP))
+                hint = f" (an ensemble's teachers are one job array, {TEACHER.step})" if member else ""
+                raise ConfigError(f"--stages: unknown stage {name!r}{hint}; stages: {', '.join(STEPS)}, "
+                                  f"{STUDENT_KD.command} (= every student)")
+            if key == STUDENT_KD_ENSEMBLE.step and key not in students:
+                raise ConfigError(f"--stages: {key} is the student of an ensemble: set kd.ensemble=N (N >= 2)")
             wanted.append(key)
     return wanted
 
@@ -173,6 +222,9 @@ def sweep_steps(preset: str, base_overrides: list[str], grid: dict[str, list[str
     the teacher's seed uses the pipeline's own cache.
     """
     base = load_config(preset, base_overrides)
+    if ensemble.size(base) >= 2:  # refused before any dir or link is made
+        raise ConfigError(f"kd.ensemble={base.kd.ensemble}: a sweep shares one teacher, not an ensemble; "
+                          "sweep without kd.ensemble, or submit a `pipeline` with the ensemble per setting")
     points = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
     names = [point_name(p) for p in points]
     if len(set(names)) != len(names):
@@ -289,7 +341,7 @@ def plan_submission(kind: str, preset: str, only: str, overrides: list[str], war
     # dir, and the jobs run elsewhere.
     overrides += absolute_paths(preset, overrides)
     cfg = load_config(preset, overrides)
-    keys = parse_stages(only) if kind == "pipeline" else list(STEPS)
+    keys = parse_stages(only, cfg) if kind == "pipeline" else list(STEPS)
     for warning in check_paths(cfg, needs_data=keys != [REPORT.step]):
         warn(warning)
     if kind == "pipeline":

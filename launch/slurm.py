@@ -4,7 +4,9 @@
     python -m launch.slurm sweep    --preset P [--wait] kd.alpha=0.1,0.5 kd.temperature=2,4 seed=0,1
     python -m launch.slurm status   RECORD|RUN_DIR [--wait]
 
-`pipeline`: prepare-data -> train-teacher -> cache-logits -> {student-normal, student-kd} -> report.
+`pipeline`: prepare-data -> train-teacher -> cache-logits -> {student-normal, student-kd} -> report;
+with an ensemble (kd.ensemble=N) the teachers are one job array of N tasks (`train-teacher
+--member i` each), which the cache job waits for as a whole, and student-kd-ensemble is a third student.
 `sweep`: the same head (one teacher, a logits cache per seed), then every point of the grid as
 one job array of KD students in `<run.dir>/sweep/<name>/`, beside one normal student, and a
 report that runs once they all ended (afterany) and names the points that did not finish.
@@ -163,11 +165,13 @@ def job_config(cfg: Config, gpus: int) -> dict[str, Any]:
     return values
 
 
-def stage_job(step: Step, cfg: Config) -> StageJob:
+def stage_job(step: Step, cfg: Config, task: int = 0) -> StageJob:
+    """The job of task `task` of a step (0 for a plain job): a teacher array's trains its member."""
     gpus = step.resources.gpus_on_node()
     if step.points:
         return SweepReportJob(job_config(cfg, gpus), step.points)
-    return StageJob(job_config(cfg, gpus), step.stage.command, step.mode, gpus)
+    member = step.members[task] if step.members else 0
+    return StageJob(job_config(cfg, gpus), step.stage.command, step.mode, gpus, member)
 
 
 def submit_step(step: Step, log_dir: Path, after_ok: list[str], after_any: list[str], hold: bool
@@ -176,7 +180,7 @@ def submit_step(step: Step, log_dir: Path, after_ok: list[str], after_any: list[
     if not step.names:
         return [ex.submit(stage_job(step, step.configs[0]))]
     with ex.batch():  # one job array
-        jobs = [ex.submit(stage_job(step, c)) for c in step.configs]
+        jobs = [ex.submit(stage_job(step, c, i)) for i, c in enumerate(step.configs)]
     return jobs
 
 
@@ -224,13 +228,22 @@ def write_record(kind: str, cfg: Config, subs: list[Submitted], log_dir: Path) -
                   "depends_on": s.depends_on, "depends_on_any": s.depends_on_any,
                   "after": s.step.after, "after_any": s.step.after_any, "log": str(s.log(0)),
                   "tasks": s.step.resources.world_size,
-                  "array": [{"name": n, "job_id": s.jobs[i].job_id, "log": str(s.log(i)),
-                             "run_dir": str(s.step.configs[i].run_dir)} for i, n in enumerate(s.step.names)]}
+                  "array": [array_task(s, i) for i in range(len(s.step.names))]}
                  for s in subs],
     }
     path = log_dir / f"{kind}-{subs[0].job_id}.json"
     atomic_write_json(path, record)  # whoever polls for it never reads half of it
     return path
+
+
+def array_task(s: Submitted, i: int) -> dict[str, Any]:
+    """The record of one task of an array: its name (a sweep point, or a teacher member's stage),
+    job id, log and run dir; a teacher member's number and stage dir too."""
+    task = {"name": s.step.names[i], "job_id": s.jobs[i].job_id, "log": str(s.log(i)),
+            "run_dir": str(s.step.configs[i].run_dir)}
+    if s.step.members:
+        task |= {"member": s.step.members[i], "stage_dir": str(s.step.configs[i].run_dir / s.step.names[i])}
+    return task
 
 
 def print_submission(subs: list[Submitted], record: Path, hold: bool) -> None:
@@ -241,7 +254,9 @@ def print_submission(subs: list[Submitted], record: Path, hold: bool) -> None:
         what = f"array of {len(s.jobs)}" if s.step.names else shape
         print(f"{s.step.key:<24} job {s.job_id:<10} {deps:<28} {what:<16} log {s.log(0)}")
         for i, name in enumerate(s.step.names):
-            print(f"  {name:<22} job {s.jobs[i].job_id:<10} run {s.step.configs[i].run_dir}")
+            where = (f"member {s.step.members[i]}, dir {s.step.configs[i].run_dir / name}" if s.step.members
+                     else f"run {s.step.configs[i].run_dir}")
+            print(f"  {name:<22} job {s.jobs[i].job_id:<10} {where}")
     print(f"record: {record}  (follow it later: python -m launch.slurm status {record} --wait)")
     if hold:
         held = [s.job_id for s in subs if not (s.depends_on or s.depends_on_any)]
@@ -465,7 +480,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--wait", action="store_true", help="follow the jobs; exit 1 naming the stage that failed")
     p.add_argument("--hold", action="store_true", help="submit the chain held (start it with scontrol release)")
     p.add_argument("--stages", default="all", help="pipeline only: comma-separated subset of "
-                   f"{','.join(STEPS)} ({STUDENT_KD.command} = both students); default all")
+                   f"{','.join(STEPS)} ({STUDENT_KD.command} = every student; an ensemble's teachers are one "
+                   "array, train-teacher); default all")
     p.add_argument("--poll-s", type=float, default=10.0, help="--wait: seconds between sacct calls")
     p.add_argument("--pending-notice-s", type=float, default=300.0,
                    help="--wait: print why a job is pending once it has been for this long (default 300)")

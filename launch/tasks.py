@@ -34,21 +34,37 @@ from kd_ddp.stages import Stage
 class StageJob(submitit.helpers.Checkpointable):
     """One kd_ddp stage in one Slurm task; all tasks of the job form one process group.
 
-    It names its stage as `run_stage` takes it, a CLI command and its mode, under the
-    attribute names jobs have always been pickled with: a job queued (or requeued) before an
-    upgrade is loaded and called by this code.
+    It names its stage as `run_stage` takes it, a CLI command, its mode and (a task of an
+    ensemble's teacher array) its member, under the attribute names jobs have always been
+    pickled with: a job queued (or requeued) before an upgrade is loaded and called by this
+    code; one pickled before `member` existed has none, and reads as member 0 (every teacher).
     """
 
-    def __init__(self, config: dict[str, Any], stage: str, mode: str = "kd", gpus: int = 0) -> None:
+    def __init__(self, config: dict[str, Any], stage: str, mode: str = "kd", gpus: int = 0,
+                 member: int = 0) -> None:
         self.config = config
         self.stage = stage  # the CLI command of the stage (stages.Stage.command)
         self.mode = mode  # train-student's --mode; ignored by the other commands
         self.gpus = gpus  # GPUs the job asked for on each node; > 0 means train on them or fail
+        self.member = member  # train-teacher --member: the ensemble's teacher it trains alone; 0 = none
+
+    @property
+    def task_member(self) -> int:
+        """The member, 0 for a job pickled before there were members."""
+        return getattr(self, "member", 0)
 
     @property
     def runs(self) -> Stage:
-        """The stage this job runs."""
-        return stages.of_command(self.stage, self.mode)[0]
+        """The stage this job runs (a member's, for a task of an ensemble's teacher array)."""
+        if self.task_member:
+            return stages.teacher_member(self.task_member)
+        n = self.config.get("kd", {}).get("ensemble", 0) if isinstance(self.config, dict) else 0
+        return stages.of_command(self.stage, self.mode, n)[0]
+
+    @property
+    def label(self) -> str:
+        """How its log lines name it: the command, and a member's stage (`train-teacher [teacher-2]`)."""
+        return f"{self.stage} [{self.runs.name}]" if self.task_member else self.stage
 
     def __call__(self) -> dict[str, Any]:
         from kd_ddp.cli import run_stage
@@ -61,29 +77,29 @@ class StageJob(submitit.helpers.Checkpointable):
         dist = submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False,
                                                                       overwrite=True)
         # The host matters once ranks span nodes: it is what a hang or a connection error is traced to.
-        print(f"kd-ddp {self.stage}: rank {dist.rank} of world size {dist.world_size} on {socket.gethostname()} "
+        print(f"kd-ddp {self.label}: rank {dist.rank} of world size {dist.world_size} on {socket.gethostname()} "
               f"(local rank {dist.local_rank} of {dist.local_world_size}, "
               f"master {dist.master_addr}:{dist.master_port})", flush=True)
         cfg = from_dict(self.config)
         check_node(cfg, self.runs, self.gpus)
         try:
-            result = run_stage(cfg, self.stage, self.mode)
+            result = run_stage(cfg, self.stage, self.mode, member=self.task_member)
             if joined_a_group():
                 atexit.register(end_once_saved, submitit.JobEnvironment().paths.result_pickle)
             return result
         except Preempted as e:
             # SIGTERM: Slurm is ending the job (requeue, preemption, cancel) and the stage has
             # checkpointed mid-epoch. Leave without a result, so submitit records no failure.
-            print(f"kd-ddp {self.stage}: {e}", flush=True)
+            print(f"kd-ddp {self.label}: {e}", flush=True)
             raise SystemExit(143) from None
         finally:
-            print(f"kd-ddp {self.stage}: rank {dist.rank} ran on CPUs {sorted(os.sched_getaffinity(0))} with "
+            print(f"kd-ddp {self.label}: rank {dist.rank} ran on CPUs {sorted(os.sched_getaffinity(0))} with "
                   f"{torch_threads()} torch threads", flush=True)
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
         # Nothing to save here: every epoch already ends with an atomic checkpoint that
         # run_stage resumes from, so requeueing the same call loses at most one epoch.
-        print(f"kd-ddp {self.stage}: interrupted; requeueing, the stage resumes from its last "
+        print(f"kd-ddp {self.label}: interrupted; requeueing, the stage resumes from its last "
               "checkpoint", flush=True)
         return super().checkpoint(*args, **kwargs)
 

@@ -16,6 +16,7 @@ import launch.plan as launch_plan
 from kd_ddp import stages
 from kd_ddp.config import ConfigError, load_config
 from launch.plan import (
+    PIPELINE_STEPS,
     STEPS,
     Step,
     absolute_paths,
@@ -52,7 +53,7 @@ def test_planner_imports_without_submitit(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setattr(launch, "plan", launch.plan)
     plan = importlib.import_module("launch.plan")
     assert plan is not launch_plan
-    assert [s.key for s in plan.pipeline_steps(load_config("smoke"))] == list(STEPS)
+    assert [s.key for s in plan.pipeline_steps(load_config("smoke"))] == list(PIPELINE_STEPS)
 
 
 def test_pipeline_steps_wait_for_the_stage_they_read() -> None:
@@ -102,7 +103,7 @@ def test_select_steps_keeps_the_sweep_report_s_afterany() -> None:
 def test_stages_option() -> None:
     assert parse_stages("all") == list(STEPS)
     assert parse_stages(" train-teacher, train-student ") == ["train-teacher", "student-normal", "student-kd"]
-    with pytest.raises(ConfigError, match=r"unknown stage 'teacher'; stages: prepare-data,.*train-student \(= both"):
+    with pytest.raises(ConfigError, match=r"unknown stage 'teacher'; stages: prepare-data,.*train-student \(= every"):
         parse_stages("teacher")
 
 
@@ -117,6 +118,73 @@ def test_plan_submission_pipeline_subset_and_refusals(tmp_path: Path) -> None:
         plan_submission("sweep", "smoke", "all", smoke(tmp_path), warnings.append)
     with pytest.raises(ConfigError, match="--stages is for `pipeline` only"):
         plan_submission("sweep", "smoke", "report", smoke(tmp_path, "kd.alpha=0.1,0.5"), warnings.append)
+
+
+# -- an ensemble of teachers: one job array ---------------------------------------------
+
+
+def test_an_ensemble_s_teachers_are_one_array_the_cache_waits_for() -> None:
+    cfg = load_config("smoke", ["kd.ensemble=3", "kd.teacher=cached"])
+    steps = pipeline_steps(cfg)
+    assert edges(steps) == [
+        ("prepare-data", []), ("train-teacher", ["prepare-data"]), ("cache-logits", ["train-teacher"]),
+        ("student-normal", ["cache-logits"]), ("student-kd", ["cache-logits"]),
+        ("student-kd-ensemble", ["cache-logits"]),
+        ("report", ["student-normal", "student-kd", "student-kd-ensemble"])]
+    assert [s.key for s in steps] == list(STEPS)
+    teachers = steps[1]
+    # One array, a task per member, named after the member's stage; each trains its member alone.
+    assert teachers.stage == stages.TEACHER and teachers.key == "train-teacher"
+    assert teachers.names == ["teacher", "teacher-2", "teacher-3"] and teachers.members == [1, 2, 3]
+    assert len(teachers.configs) == 3 and all(c is cfg for c in teachers.configs)  # run_stage derives each member's
+    assert [teachers.task_stage(i) for i in range(3)] == list(stages.teachers(3))
+    assert teachers.resources is cfg.slurm.teacher
+    # The other steps are plain jobs; the ensemble's student runs train-student --mode kd-ensemble.
+    assert all(not s.names and not s.members for s in steps if s is not teachers)
+    ens = steps[5]
+    assert (ens.stage, ens.stage.command, ens.mode) == (stages.STUDENT_KD_ENSEMBLE, "train-student", "kd-ensemble")
+    assert ens.resources is cfg.slurm.student
+    # Every stage of the ensemble's pipeline has its job: the members as the array's tasks.
+    planned = [s.task_stage(i) for s in steps for i in range(len(s.configs))]
+    assert planned == list(stages.pipeline(3))
+
+
+def test_an_ensemble_with_a_live_teacher_waits_for_the_whole_array() -> None:
+    steps = pipeline_steps(load_config("smoke", ["kd.ensemble=2", "kd.teacher=live"]))
+    assert edges(steps) == [
+        ("prepare-data", []), ("train-teacher", ["prepare-data"]), ("student-normal", ["train-teacher"]),
+        ("student-kd", ["train-teacher"]), ("student-kd-ensemble", ["train-teacher"]),
+        ("report", ["student-normal", "student-kd", "student-kd-ensemble"])]
+    assert steps[1].names == ["teacher", "teacher-2"]
+
+
+def test_selecting_from_an_ensemble_keeps_the_array() -> None:
+    steps = pipeline_steps(load_config("smoke", ["kd.ensemble=2"]))
+    kept = select_steps(steps, {"train-teacher", "student-kd-ensemble", "report"})
+    assert edges(kept) == [("train-teacher", []), ("student-kd-ensemble", ["train-teacher"]),
+                           ("report", ["train-teacher", "student-kd-ensemble"])]
+    assert kept[0].names == ["teacher", "teacher-2"] and kept[0].members == [1, 2]
+
+
+def test_stages_option_with_an_ensemble(tmp_path: Path) -> None:
+    ens = load_config("smoke", ["kd.ensemble=2"])
+    assert parse_stages("cache-logits,train-student", ens) == [
+        "cache-logits", "student-normal", "student-kd", "student-kd-ensemble"]
+    assert parse_stages("train-student", load_config("smoke")) == ["student-normal", "student-kd"]
+    with pytest.raises(ConfigError, match="student-kd-ensemble is the student of an ensemble: set kd.ensemble=N"):
+        parse_stages("student-kd-ensemble", load_config("smoke"))
+    with pytest.raises(ConfigError, match=r"'train-teacher-2' \(an ensemble's teachers are one job array, train-"):
+        parse_stages("train-teacher-2", ens)
+    _, steps = plan_submission("pipeline", "smoke", "train-teacher,student-kd-ensemble",
+                               smoke(tmp_path, "kd.ensemble=2"), [].append)
+    assert edges(steps) == [("train-teacher", []), ("student-kd-ensemble", ["train-teacher"])]
+    assert steps[0].members == [1, 2]
+
+
+def test_a_sweep_of_an_ensemble_is_refused_before_any_dir_is_made(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="kd.ensemble=2: a sweep shares one teacher, not an ensemble"):
+        plan_submission("sweep", "smoke", "all", smoke(tmp_path, "kd.ensemble=2", "kd.alpha=0.1,0.9"), [].append)
+    assert not (tmp_path / "run").exists()
 
 
 def test_sweep_grid_and_plan(tmp_path: Path) -> None:
