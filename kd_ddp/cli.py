@@ -209,14 +209,15 @@ def run_stages(cfg: Config, env: distributed.DistEnv, command: str, mode: str, m
 
 
 def report_and_print(cfg: Config) -> dict[str, Any]:
-    """The pipeline's last stage: the report, and the three accuracies on stdout."""
-    from kd_ddp.report import build_report
+    """The pipeline's last stage: the report, and the accuracies on stdout: each trained model
+    the report found (an ensemble's teachers and student included) and the ensemble's own."""
+    from kd_ddp.report import build_report, label, rows
 
     results = build_report(cfg)
-    trained = [s for s in stages.trained(ensemble.size(cfg)) if s.key in results]
-    width = max(len(s.label) for s in trained)
-    for stage in trained:
-        print(f"{stage.label:<{width}}  test_acc {results[stage.key]['test_acc']:.4f}")
+    keys = rows(results)
+    width = max((len(label(key)) for key in keys), default=0)
+    for key in keys:
+        print(f"{label(key):<{width}}  test_acc {results[key]['test_acc']:.4f}")
     print(f"report: {cfg.run_dir / stages.REPORT.name / 'report.md'}", flush=True)
     return results
 

@@ -5,7 +5,10 @@ title and description, the accuracy table as markdown (the one report.md has), a
 filtered on the group with line plots of test accuracy and losses per epoch and a bar
 chart of the final test accuracy, and, when a KD sweep ran, a second runset (the sweep's
 KD students) with parallel-coordinates, scatter and line panels over kd.alpha and
-kd.temperature.
+kd.temperature. With an ensemble of teachers (kd.ensemble=N), the first runset takes its
+stages too (job types teacher-2 ... teacher-N, student-kd-ensemble), the table has their rows
+and the ensemble's, and a runset of the ensemble's KD student shows the ensemble's own test
+accuracy (its summary's `ensemble.test_acc`) beside the student's, under a table of members.
 
 Building needs no network (`Report._to_model()` is local). Two things would call the
 server, so they happen only in `push`: a Runset with both entity and project set looks
@@ -26,7 +29,7 @@ from typing import Any
 from kd_ddp import stages, tracking
 from kd_ddp.checkpoint import atomic_write_json
 from kd_ddp.config import Config, ConfigError
-from kd_ddp.report import accuracy_table, sweep_table
+from kd_ddp.report import ENSEMBLE, accuracy_table, ensemble_table, rows, stage_of, sweep_table
 
 log = logging.getLogger(__name__)
 
@@ -35,17 +38,38 @@ SPEC_FORMAT = "kd-ddp/wandb-report/v1"
 EPOCH_METRICS = {"test_acc": "Test accuracy per epoch", "train_loss": "Train loss per epoch",
                  "test_loss": "Test loss per epoch"}
 SWEEP_TAG = tracking.REPLICA_DIRS["sweep"]  # the tag tracking gives runs under <run_dir>/sweep/
+ENSEMBLE_METRIC = f"{ENSEMBLE}.test_acc"  # the ensemble KD student's summary: the ensemble's own accuracy
 
 
-def _main_grid(wr: Any, expr: Any, group: str, grouped: bool) -> Any:
+def job_types(results: dict[str, Any]) -> list[str]:
+    """The job types of the group's trained stages: the three of one teacher, and an ensemble's
+    teachers and KD student when the results have an ensemble (its size, or the teachers found)."""
+    members = [stage_of(key).member for key in rows(results) if key != ENSEMBLE]  # type: ignore[union-attr]
+    n = max([*members, results.get(ENSEMBLE, {}).get("size", 0)], default=0)
+    return [s.name for s in stages.trained(n)]
+
+
+def _main_grid(wr: Any, expr: Any, group: str, grouped: bool, jobs: list[str]) -> Any:
     runset = wr.Runset(
         name=f"{group}: teacher and students",
-        filters=[expr.Metric("Group") == group, expr.Metric("JobType").isin([s.name for s in stages.TRAINED]),
+        filters=[expr.Metric("Group") == group, expr.Metric("JobType").isin(jobs),
                  expr.Tags().notin([SWEEP_TAG])],
         # With seed replicas, one line (mean and spread) per stage instead of one per run.
         groupby=["JobType"] if grouped else [])
     panels = [wr.LinePlot(title=title, x="epoch", y=[metric]) for metric, title in EPOCH_METRICS.items()]
     panels.append(wr.BarPlot(title="Final test accuracy", metrics=["test_acc"], orientation="v"))
+    return wr.PanelGrid(runsets=[runset], panels=panels)
+
+
+def _ensemble_grid(wr: Any, expr: Any, group: str) -> Any:
+    """The ensemble's KD student's runs: the ensemble's own test accuracy (which its summary
+    records) beside the student's."""
+    runset = wr.Runset(
+        name=f"{group}: ensemble of teachers",
+        filters=[expr.Metric("Group") == group, expr.Metric("JobType") == stages.STUDENT_KD_ENSEMBLE.name,
+                 expr.Tags().notin([SWEEP_TAG])])
+    panels = [wr.BarPlot(title="Ensemble of teachers and its KD student: final test accuracy",
+                         metrics=[ENSEMBLE_METRIC, "test_acc"], orientation="v")]
     return wr.PanelGrid(runsets=[runset], panels=panels)
 
 
@@ -73,11 +97,17 @@ def build(group: str, results: dict[str, Any], *, entity: str = "", project: str
     cfg = results.get("config", {})
     description = (f"Knowledge distillation: teacher (CE) vs normal student (MSE) vs KD student "
                    f"(alpha={cfg.get('alpha')}, T={cfg.get('temperature')}), W&B group `{group}`.")
+    if ENSEMBLE in results:
+        description += (f" Ensemble of {results[ENSEMBLE]['size']} teachers ({results[ENSEMBLE]['rule']}) and "
+                        "its KD student.")
     blocks = [
         wr.H1("Teacher vs students"),
         wr.MarkdownBlock("\n".join(accuracy_table(results))),
-        _main_grid(wr, expr, group, grouped=bool(results.get("seeds"))),
+        _main_grid(wr, expr, group, grouped=bool(results.get("seeds")), jobs=job_types(results)),
     ]
+    if ENSEMBLE in results:
+        blocks += [wr.H2(f"Ensemble of {results[ENSEMBLE]['size']} teachers"),
+                   wr.MarkdownBlock("\n".join(ensemble_table(results[ENSEMBLE]))), _ensemble_grid(wr, expr, group)]
     if results.get("sweep"):
         blocks += [wr.H2("KD sweep: alpha x temperature"), wr.MarkdownBlock("\n".join(sweep_table(results["sweep"]))),
                    _sweep_grid(wr, expr, group)]

@@ -27,7 +27,8 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_ARCHIVE = REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 
 # Fixtures that run a whole pipeline (or a cluster): never in a fast test.
-PIPELINE_FIXTURES = {"smoke_run", "smoke_run_ddp", "pipeline", "pipeline_run", "slurm_env", "multinode_cluster"}
+PIPELINE_FIXTURES = {"smoke_run", "smoke_run_ddp", "pipeline", "pipeline_run", "slurm_env", "multinode_cluster",
+                     "ensemble_runs"}
 _running_fast_test: list[str] = []  # the node id of the fast test running now, if one is
 
 
@@ -130,6 +131,23 @@ def smoke_run(cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
     """A finished 1-process smoke pipeline, shared by tests that read its outputs."""
     run_dir = tmp_path_factory.mktemp("smoke-run")
     run_cli(["pipeline", "--preset", "smoke", f"run.dir={run_dir}", f"data.cache_dir={cache_dir}"])
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def ensemble_runs(cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run dir of two seeds (`seeds/1`, `seeds/2`, none of its own), each a finished smoke
+    pipeline of an ensemble of two teachers (kd.ensemble=2, 1 epoch a stage), run in this
+    process. Read it, or copy it before writing to it: the session shares it."""
+    from kd_ddp.cli import run_stage
+    from kd_ddp.config import load_config
+
+    run_dir = tmp_path_factory.mktemp("ensemble-runs")
+    for seed in (1, 2):
+        cfg = load_config("smoke", [f"run.dir={run_dir / 'seeds' / str(seed)}", f"seed={seed}",
+                                    f"data.cache_dir={cache_dir}", "tracking.wandb.mode=disabled",
+                                    "kd.ensemble=2", "optim.epochs=1"])
+        run_stage(cfg, "pipeline")
     return run_dir
 
 

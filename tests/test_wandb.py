@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -303,3 +304,40 @@ def test_online_without_api_key_fails_at_start(tmp_path: Path, cache_dir: Path) 
                    "tracking.wandb.mode=online"], env, cwd, check=False)
     assert_user_error(proc, "no W&B API key", "WANDB_API_KEY")
     assert not (run_dir / "teacher").exists()  # failed before any training
+
+
+def test_wandb_report_spec_of_an_ensemble(tmp_path: Path, ensemble_runs: Path) -> None:
+    """Real ensemble runs (kd.ensemble=2, two seeds): the comparison takes the ensemble's stages,
+    the table has each teacher's row, the ensemble's and its KD student's, and a runset of the
+    ensemble's KD student shows the ensemble's own accuracy beside the student's."""
+    env, cwd = sandbox(tmp_path)
+    run_dir = tmp_path / "run"
+    shutil.copytree(ensemble_runs, run_dir)
+    kd_ddp(["report", "--wandb-report", "--preset", "smoke", f"run.dir={run_dir}", "tracking.wandb.mode=disabled",
+            "kd.ensemble=2"], env, cwd)
+
+    seeds = json.loads((run_dir / "report" / "results.json").read_text())["seeds"]
+    ensemble_accs = [json.loads((run_dir / "seeds" / s / "student-kd-ensemble" / "summary.json").read_text())
+                     ["ensemble"]["test_acc"] for s in ("1", "2")]
+    assert seeds["ensemble"]["values"] == ensemble_accs
+    doc = json.loads((run_dir / "report" / "wandb_report.json").read_text())
+    blocks = doc["viewspec"]["spec"]["blocks"]
+    (table, members) = [b["content"] for b in blocks if b["type"] == "markdown-block"]
+    for key, name in (("teacher", "Teacher (CE)"), ("teacher_2", "Teacher 2 (CE)"),
+                      ("ensemble", "Ensemble of teachers"), ("student_normal", "Student (MSE, normal)"),
+                      ("student_kd", "Student (KD)"), ("student_kd_ensemble", "Student (KD, ensemble)")):
+        assert f"| {name} | {seeds[key]['mean']:.4f} +- {seeds[key]['std']:.4f} | 2 |" in table
+    gap = seeds["kd_ensemble_minus_kd"]
+    assert f"| KD (ensemble) minus KD student | {gap['mean']:+.4f} +- {gap['std']:.4f} | 2 | |" in table
+    assert "Paired gaps per seed" in table and "| teacher-2 |" in members
+    assert any(b["type"] == "heading" and b["children"][0]["text"] == "Ensemble of 2 teachers" for b in blocks)
+
+    main, ens = [b["metadata"] for b in blocks if b["type"] == "panel-grid"]
+    filters = {f["key"]["name"]: (f["op"], f["value"]) for f in main["runSets"][0]["filters"]["filters"]}
+    assert filters["jobType"] == ("IN", ["teacher", "teacher-2", "student-normal", "student-kd",
+                                         "student-kd-ensemble"])
+    filters = {f["key"]["name"]: (f["op"], f["value"]) for f in ens["runSets"][0]["filters"]["filters"]}
+    assert filters["jobType"] == ("=", "student-kd-ensemble") and filters["group"] == ("=", doc["group"])
+    assert [(p["viewType"], p["config"]["metrics"]) for p in ens["panelBankSectionConfig"]["panels"]] == [
+        ("Bar Chart", ["ensemble.test_acc", "test_acc"])]
+    assert wandb_files(tmp_path / "home") == [] and not list(cwd.iterdir())
