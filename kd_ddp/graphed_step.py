@@ -105,13 +105,12 @@ def graph_refusal(mode: str, device: torch.device, distributed: bool, grad_scale
 
 
 @contextlib.contextmanager
-def side_stream(device: torch.device) -> Iterator[None]:
-    """The guide's warm-up stream: work on a side stream that waits for the current one and
-    is waited for by it. A no-op off the GPU."""
-    if device.type != "cuda":
+def side_stream(device: torch.device, stream: torch.cuda.Stream | None) -> Iterator[None]:
+    """The guide's warm-up: work on a side stream that waits for the current one and is
+    waited for by it. A no-op off the GPU (stream None)."""
+    if stream is None:
         yield
         return
-    stream = torch.cuda.Stream(device)
     stream.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(stream):
         yield
@@ -139,6 +138,7 @@ class GraphedStep:
         self.refusal = refusal  # why the steps run eagerly (None: not decided against yet)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.static: Batch | None = None
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" and refusal is None else None  # warm-up's
         self.steps = 0
 
     @property
@@ -152,7 +152,7 @@ class GraphedStep:
         elif self.refusal is not None or self.graph is not None:
             self.body(*batch)
         elif self.steps < self.warmup:
-            with side_stream(self.device):
+            with side_stream(self.device, self.stream):
                 self.body(*batch)
         else:
             self._capture_and_run(batch)

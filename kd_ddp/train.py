@@ -20,7 +20,10 @@ Host syncs: none in a step. Whether a step's loss is finite is decided on the de
 update of a bad step is skipped there (fused SGD's `found_inf`, the mechanism GradScaler
 uses), and the loss sums and flags stay on the device. The host reads them at the points
 marked "host sync" below: the flags every `train.check_every` steps (non-finite steps,
-SIGTERM), the epoch's loss sums, the evaluation's sums, and the checkpoint.
+SIGTERM), the epoch's loss sums, the evaluation's sums, and the checkpoint. Nothing that
+changes between steps is a Python number in the step (the LR, view and seed are device
+tensors), so on a GPU the step is captured once as a CUDA graph and replayed
+(kd_ddp/graphed_step.py, train.cuda_graph).
 """
 
 from __future__ import annotations
@@ -229,7 +232,7 @@ class Trainer:
         self.nonfinite = self.reported = 0  # steps skipped so far, and how many of them were logged
         self.history: list[dict[str, Any]] = []
         self.tally = StepTally.start(env.device, 0, 0, 0.0, 0)
-        self.runner = self._step_runner()
+        self.runner = self._step_runner(announce=False)  # made again by resume, which says which it is
         self.stop = StopRequest()  # installed where training starts (fit), not here
 
     # -- the loop, top to bottom: fit -> run_epoch -> train_step -> check -----------
@@ -365,11 +368,11 @@ class Trainer:
 
     # -- what the loop uses ------------------------------------------------------------
 
-    def _step_runner(self) -> GraphedStep:
+    def _step_runner(self, announce: bool = True) -> GraphedStep:
         """The step, eager or captured as a CUDA graph (train.cuda_graph; kd_ddp/graphed_step.py)."""
         refusal = graph_refusal(self.cfg.train.cuda_graph, self.env.device, self.env.distributed,
                                 self.scaler.is_enabled(), self.loader.kind)
-        if self.env.is_main and self.env.device.type == "cuda":
+        if announce and self.env.is_main and self.env.device.type == "cuda":
             log.info("%s: CUDA graph of the step: %s", self.stage, f"no ({refusal})" if refusal else "yes")
         return GraphedStep(self._step, self.env.device, refusal, self.stage)
 
