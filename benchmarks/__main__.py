@@ -34,8 +34,8 @@ from benchmarks import (
 )
 from kd_ddp.tracking import cpu_name
 
-ALL = ("loader", "train_step", "compute_limit", "loop_compare", "kd_epoch", "kd_accuracy", "ddp", "memory", "pipeline",
-       "source_scan", "kernel_count")
+ALL = ("loader", "train_step", "tensor_step", "compute_limit", "loop_compare", "kd_epoch", "kd_accuracy", "ddp",
+       "memory", "pipeline", "source_scan", "kernel_count")
 
 
 def machine() -> str:
@@ -77,6 +77,12 @@ def main() -> None:
         if "train_step" in args.only:
             steps = results["train_step"] = train_step.run_steps(teachers, cache, work / "steps", steps=5,
                                                                  batch=args.batch, repeats=args.repeats)
+        if "tensor_step" in args.only:
+            results["tensor_step"] = train_step.run_tensor_step(cache, work / "tensor-step", batch=args.batch,
+                                                                repeats=args.repeats + 1)
+            md += [f"### Training step forms: Python-number LR vs tensor-only (vs CUDA graph on a GPU), batch "
+                   f"{args.batch}, {results['tensor_step']['amp']}", "",
+                   train_step.tensor_step_markdown(results["tensor_step"]), ""]
         if "compute_limit" in args.only:
             preset = args.limit_preset or ("seed-gpu" if torch.cuda.is_available() else "quick")
             limit = results["compute_limit"] = train_step.run_compute_limit(args.data_root, cache, work / "limit",

@@ -152,6 +152,9 @@ def figures(work: Path, name: str) -> dict[str, Any]:
     if kind in ("limit", "step"):
         results = _json(work / name / "results.json")
         return {} if results is None else limit_figures(results) if kind == "limit" else step_figures(results)
+    if kind == "graph":  # img/s per step form (benchmarks/train_step.py run_tensor_step)
+        results = _json(work / name / "results.json") or {}
+        return {k: round(v) for k, v in results.get("tensor_step", {}).get("images_per_s", {}).items()}
     if kind == "smoke" and (work / "logs" / "smoke.log").is_file():
         return smoke_figures((work / "logs" / "smoke.log").read_text())
     if kind == "env":
@@ -226,7 +229,7 @@ def step_line(s: dict[str, Any]) -> str:
                 + f"; teacher {f['teacher_images_per_s']} img/s")
     elif kind == "step" and f:
         text = "; ".join(f"{m}: " + ", ".join(f"{k} {v}" for k, v in r.items()) + " img/s" for m, r in f.items())
-    elif kind == "smoke" and f:
+    elif kind in ("smoke", "graph") and f:
         text = ", ".join(f"{k} {_fmt(v)}" for k, v in f.items())
     elif kind == "preflight" and f:
         text = ("ok" if f["ok"] else "; ".join(f["problems"] or [])) + "".join(

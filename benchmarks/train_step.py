@@ -6,6 +6,9 @@ tally), never a copy of it:
 - step: the teacher's step on one in-memory batch for fp32 NCHW (the plain way), fp32
   channels_last and channels_last + bf16 autocast; on a CPU also torch.compile, on a GPU
   fp16 autocast instead (compiling there costs more device time than the check has).
+- tensor step (`run_tensor_step`): today's step, whose LR, view and seed are device tensors
+  (eager, and on a GPU replayed as a CUDA graph: train.cuda_graph), against the step as it
+  was before (`legacy_step`: a Python-number LR stepped by LambdaLR, an int view).
 - compute limit, per stage (teacher, normal student, cached-KD student): a real training
   epoch (loader, augmentation, flag checks, logging: `train_stage`) against the same number
   of `train_step` calls on one batch already in memory, at the batch the stage uses.
@@ -29,6 +32,7 @@ from kd_ddp.data import PreparedData, prepare_data
 from kd_ddp.distributed import DistEnv, pick_device
 from kd_ddp.metrics_io import read_metrics
 from kd_ddp.objectives import TeacherLogits, teacher_logits_source
+from kd_ddp.precision import autocast
 from kd_ddp.train import Trainer, train_stage
 
 CPU = torch.device("cpu")
@@ -58,6 +62,70 @@ def step_fn(cfg: Config, env: DistEnv, data: PreparedData, stage: str = stages.T
     images, labels, idx = (t.clone() for t in next(iter(trainer.loader.epoch(0))))  # FFCV reuses its buffers
     trainer.net.train()
     return lambda: trainer.train_step(images, labels, idx, 0)
+
+
+def use_float_lr(trainer: Trainer) -> None:
+    """Python-number LRs in the optimizer again, stepped by the trainer's LambdaLR (`legacy_step`)."""
+    for group in trainer.optimizer.param_groups:
+        group["lr"] = float(group["lr"])
+
+
+def legacy_step(trainer: Trainer, images: torch.Tensor, labels: torch.Tensor, idx: torch.Tensor, view: int) -> None:
+    """`Trainer.train_step` as it was before the LR, view and seed became device tensors
+    (f0f08b2, one rank, no GradScaler): the int view keys the augmentation, the LR is a
+    Python float the LambdaLR sets after each step. On the trainer's own parts, after
+    `use_float_lr`; the reference tests/test_tensor_step.py compares the step with."""
+    x = trainer.student_input(images, idx, view)
+    with autocast(trainer.env.device, trainer.dtype):
+        logits = trainer.net(x)
+    loss = trainer.objective(logits, x, labels, idx, view)
+    bad = ~torch.isfinite(loss.detach())
+    trainer.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    trainer.optimizer.found_inf = bad.float()
+    trainer.optimizer.step()
+    trainer.scheduler.step()
+    trainer.tally.add(loss.detach(), bad, len(labels), trainer.limit)
+
+
+def step_forms(device: torch.device) -> dict[str, list[str]]:
+    """The step forms `run_tensor_step` times: name -> train.cuda_graph (None: legacy_step)."""
+    forms: dict[str, list[str]] = {"Python LR + int view (before)": [], "tensor-only, eager": ["train.cuda_graph=off"]}
+    if device.type == "cuda":
+        forms["tensor-only, CUDA graph"] = ["train.cuda_graph=on"]
+    return forms
+
+
+def legacy_fn(cfg: Config, env: DistEnv, data: PreparedData) -> Callable[[], None]:
+    """`legacy_step` on one batch of the teacher's loader, held in memory."""
+    trainer = Trainer(cfg, env, data, stages.TEACHER.name)
+    images, labels, idx = (t.clone() for t in next(iter(trainer.loader.epoch(0))))
+    trainer.net.train()
+    use_float_lr(trainer)
+    return lambda: legacy_step(trainer, images, labels, idx, 0)
+
+
+def run_tensor_step(cache_dir: Path, work: Path, batch: int = 256, steps: int = 8, repeats: int = 3,
+                    device: torch.device | None = None) -> dict[str, Any]:
+    """The teacher's step (fp32 channels_last on a CPU, bf16 on a GPU) in each form of
+    `step_forms`, interleaved; img/s medians. The warm-up covers the graph's capture."""
+    device = device or pick_device("auto", 0)
+    amp = "train.amp=bf16" if device.type == "cuda" else "train.amp=off"
+    samples: dict[str, list[float]] = {k: [] for k in step_forms(device)}
+    for _ in range(repeats):
+        for name, extra in step_forms(device).items():
+            cfg, env, data = synthetic(cache_dir, work, batch, ["train.channels_last=true", amp, *extra], device)
+            fn = step_fn(cfg, env, data) if extra else legacy_fn(cfg, env, data)
+            samples[name].append(batch / time_steps(fn, steps, device, warmup=5))
+    return {"batch": batch, "device": str(device), "amp": amp.split("=")[1], "samples": samples,
+            "images_per_s": {k: statistics.median(v) for k, v in samples.items()}}
+
+
+def tensor_step_markdown(r: dict[str, Any]) -> str:
+    m = r["images_per_s"]
+    base = m["Python LR + int view (before)"]
+    return "\n".join(["| step form | img/s | vs before |", "|---|---|---|",
+                      *(f"| {k} | {v:.0f} | {v / base:.3f}x |" for k, v in m.items())])
 
 
 def time_steps(step: Callable[[], None], steps: int, device: torch.device, warmup: int = 3) -> float:

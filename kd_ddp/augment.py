@@ -77,6 +77,21 @@ def crop_flip_params(seed: int, view: int, indices: torch.Tensor, padding: int,
     return dy, dx, flipped
 
 
+def crop_flip_params_t(seed: torch.Tensor, view: torch.Tensor, indices: torch.Tensor, padding: int,
+                       flip: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`crop_flip_params` with seed and view as int64 device tensors (0-d), bitwise the same
+    params: the (seed, view) key is hashed on the device too (int64 multiply-add wraps as the
+    masked Python arithmetic does), so nothing about the view is a Python number (a CUDA
+    graph or a compiled region replays it for any view)."""
+    key = _splitmix64(seed.to(torch.int64) * _signed(_GOLDEN) + view.to(torch.int64))
+    h = _splitmix64((indices.to(torch.int64) * _signed(_GOLDEN)) ^ key)
+    span = 2 * padding + 1
+    dy = _urem(h, span)
+    dx = _shr(h, 20) % span
+    flipped = (_shr(h, 40) & 1).bool() if flip else torch.zeros_like(h, dtype=torch.bool)
+    return dy, dx, flipped
+
+
 def crop_flip(images: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, flipped: torch.Tensor,
               padding: int) -> torch.Tensor:
     """Crop each NHWC image at its own offset in the zero-padded image, flipping some.

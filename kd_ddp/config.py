@@ -156,6 +156,11 @@ class TrainConfig:
     # hook in a step. true keeps DDP over a group of one under torchrun (a one-GPU test of
     # the NCCL + DDP path that several GPUs take). The weights are the same either way.
     one_rank_ddp: bool = False
+    # The training step captured once as a CUDA graph and replayed (kd_ddp/graphed_step.py):
+    # auto = where the capture applies (a GPU, one rank, no fp16 GradScaler, data.loader
+    # device), on = try it anywhere, off = eager steps. A capture that fails falls back to
+    # eager steps with a warning naming the reason. The weights are those of the eager step.
+    cuda_graph: str = "auto"  # auto | on | off
 
 
 @dataclass
@@ -522,6 +527,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "kd.mse_input": ("logits", "softmax"),
     "train.device": ("auto", "cpu", "cuda"),
     "train.amp": ("auto", "bf16", "fp16", "off"),
+    "train.cuda_graph": ("auto", "on", "off"),
     "tracking.wandb.mode": ("offline", "online", "disabled"),
 }
 

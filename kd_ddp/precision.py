@@ -45,6 +45,10 @@ def precision_name(dtype: torch.dtype | None) -> str:
     return str(dtype).replace("torch.", "") if dtype else "off"
 
 
-def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager[None]:
-    """torch.autocast in `dtype` on the device's type; a no-op context for full fp32."""
-    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+def autocast(device: torch.device, dtype: torch.dtype | None,
+             cache_enabled: bool = True) -> contextlib.AbstractContextManager[None]:
+    """torch.autocast in `dtype` on the device's type; a no-op context for full fp32.
+    `cache_enabled=False` for a region a CUDA graph captures (the guide's rule: the cache of
+    cast weights would hold tensors the capture does not own); the casts are the same."""
+    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None,
+                          cache_enabled=cache_enabled)

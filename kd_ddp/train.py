@@ -20,7 +20,10 @@ Host syncs: none in a step. Whether a step's loss is finite is decided on the de
 update of a bad step is skipped there (fused SGD's `found_inf`, the mechanism GradScaler
 uses), and the loss sums and flags stay on the device. The host reads them at the points
 marked "host sync" below: the flags every `train.check_every` steps (non-finite steps,
-SIGTERM), the epoch's loss sums, the evaluation's sums, and the checkpoint.
+SIGTERM), the epoch's loss sums, the evaluation's sums, and the checkpoint. Nothing that
+changes between steps is a Python number in the step (the LR, view and seed are device
+tensors), so on a GPU the step is captured once as a CUDA graph and replayed
+(kd_ddp/graphed_step.py, train.cuda_graph).
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from kd_ddp import stages
-from kd_ddp.augment import StudentInput
+from kd_ddp.augment import StudentInput, crop_flip, crop_flip_params_t, normalize, to_device
 from kd_ddp.checkpoint import atomic_write_json, load_checkpoint, save_checkpoint, weights_hash
 from kd_ddp.config import Config, fingerprint
 from kd_ddp.data import EvalLoader, PreparedData, TrainLoader, resolve_loader
@@ -49,6 +52,7 @@ from kd_ddp.distributed import DistEnv, all_gather_object, all_reduce_sum, all_r
 from kd_ddp.ensemble import ensemble_facts, ensemble_source, refuse_other_data
 from kd_ddp.evaluation import broadcast_buffers, evaluate
 from kd_ddp.fingerprints import accepted_fingerprints, finished_summary, refuse_another_config, stage_fingerprint
+from kd_ddp.graphed_step import DeviceSchedule, GraphedStep, graph_refusal
 from kd_ddp.metrics_io import read_metrics_prefix, write_metrics
 from kd_ddp.models import describe, make_model, model_facts, model_name, use_sync_bn
 from kd_ddp.objectives import TeacherLogits, make_objective, teacher_logits_source
@@ -208,6 +212,15 @@ class Trainer:
         self.optimizer = make_optimizer(cfg, self.model, role)
         total, warmup = self.epochs * len(self.loader), int(cfg.warmup_for(role) * len(self.loader))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_at(s, total, warmup))
+        # The LR, view and seed as device tensors the step reads (kd_ddp/graphed_step.py): no
+        # Python number that changes between steps, so the step can be replayed as a CUDA graph.
+        self.total_steps = total
+        self.schedule = DeviceSchedule(self.scheduler, total, env.device)
+        self.schedule.install(self.optimizer)
+        self.seed_t = torch.tensor(cfg.seed, dtype=torch.int64, device=env.device)
+        self.view_t = torch.tensor(0, dtype=torch.int64, device=env.device)
+        self.view = 0  # the host's copy of view_t
+        self.steps_taken = 0  # global steps taken (the device's count is tally.step)
         self.scaler = torch.amp.GradScaler(env.device.type, enabled=self.dtype == torch.float16)
         self.net: nn.Module = DDP(self.model) if env.distributed else self.model
         if cfg.train.compile:
@@ -220,6 +233,7 @@ class Trainer:
         self.nonfinite = self.reported = 0  # steps skipped so far, and how many of them were logged
         self.history: list[dict[str, Any]] = []
         self.tally = StepTally.start(env.device, 0, 0, 0.0, 0)
+        self.runner = self._step_runner(announce=False)  # made again by resume, which says which it is
         self.stop = StopRequest()  # installed where training starts (fit), not here
 
     # -- the loop, top to bottom: fit -> run_epoch -> train_step -> check -----------
@@ -305,19 +319,38 @@ class Trainer:
         """One optimizer step on a batch (NHWC uint8 images of view `view`), without a host sync.
 
         A non-finite loss on any rank skips the update on every rank (the flag is all-reduced
-        on the device) and is counted in the tally; `check` reads the count.
+        on the device) and is counted in the tally; `check` reads the count. The step itself
+        (`_step`) reads the LR, view and seed from device tensors: it runs eagerly or as a
+        replayed CUDA graph (`self.runner`, train.cuda_graph).
         """
-        x = self.student_input(images, idx, view)
-        with autocast(self.env.device, self.dtype):
-            logits = self.net(x)
-        loss = self.objective(logits, x, labels, idx, view)
+        if view != self.view:  # outside the step: the graph reads view_t
+            self.view_t.fill_(view)
+            self.view = view
+        self.lr = self.schedule.host_lr(self.steps_taken)
+        self.runner(images, labels, idx)
+        self.steps_taken += 1
+
+    def _step(self, images: torch.Tensor, labels: torch.Tensor, idx: torch.Tensor) -> None:
+        """Forward, loss, backward, the masked update (LR of the tally's step), the tally."""
+        loss = self.forward_loss(images, labels, idx, self.view_t)
         bad = all_reduce_tensor((~torch.isfinite(loss.detach())).float(), self.env) > 0
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
+        self.schedule.set(self.tally.step + 1)
         self._update(bad)
-        self.lr = self.scheduler.get_last_lr()[0]
-        self.scheduler.step()
         self.tally.add(loss.detach(), bad, len(labels), self.limit)
+
+    def forward_loss(self, images: torch.Tensor, labels: torch.Tensor, idx: torch.Tensor,
+                     view: torch.Tensor) -> torch.Tensor:
+        """The student's input (StudentInput's crop, flip and normalize, keyed by the device
+        tensors seed_t and `view`), the model under autocast, the stage's loss. One region
+        without Python numbers: torch.compile(fullgraph=True) takes it whole (tested)."""
+        si = self.student_input
+        dy, dx, flipped = crop_flip_params_t(self.seed_t, view, to_device(idx, images.device), si.padding, si.flip)
+        x = normalize(crop_flip(images, dy, dx, flipped, si.padding), si.mean, si.std, si.channels_last)
+        with autocast(self.env.device, self.dtype, cache_enabled=False):
+            logits = self.net(x)
+        return self.objective(logits, x, labels, idx, view)  # type: ignore[arg-type]  # view: a tensor
 
     def check(self, epoch: int, step: int) -> bool:
         """The host's look at the flags (every `train.check_every` steps): warn about skipped
@@ -335,6 +368,14 @@ class Trainer:
         return all_reduce_sum([float(self.stop.requested)], self.env)[0] > 0
 
     # -- what the loop uses ------------------------------------------------------------
+
+    def _step_runner(self, announce: bool = True) -> GraphedStep:
+        """The step, eager or captured as a CUDA graph (train.cuda_graph; kd_ddp/graphed_step.py)."""
+        refusal = graph_refusal(self.cfg.train.cuda_graph, self.env.device, self.env.distributed,
+                                self.scaler.is_enabled(), self.loader.kind)
+        if announce and self.env.is_main and self.env.device.type == "cuda":
+            log.info("%s: CUDA graph of the step: %s", self.stage, f"no ({refusal})" if refusal else "yes")
+        return GraphedStep(self._step, self.env.device, refusal, self.stage)
 
     def _update(self, bad: torch.Tensor) -> None:
         """The optimizer step, skipped on the device when `bad`."""
@@ -385,13 +426,16 @@ class Trainer:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
+            # the checkpoint's schedule (its base LRs) on the device, its tensors the LRs again
+            self.schedule = DeviceSchedule(self.scheduler, self.total_steps, self.env.device)
+            self.schedule.install(self.optimizer)
             self.scaler.load_state_dict(state["scaler"])
             self._restore_rng(state["rng"])
             self.start_epoch = state["epoch"] + 1
             self.start_step = state.get("step_in_epoch", 0)
             self.partial = state.get("partial") or self.partial
             self.nonfinite = self.reported = state.get("nonfinite_steps", 0)
-            self.lr = self.scheduler.get_last_lr()[0]
+            self.lr = float(self.scheduler.get_last_lr()[0])
             self.history = self._resumed_history(state)
             if self.env.is_main:
                 log.info("%s: resuming at epoch %d step %d of %d epochs (%s)", self.stage, self.start_epoch + 1,
@@ -399,9 +443,11 @@ class Trainer:
         steps = len(self.loader)
         # a resumed epoch restarts from rank-summed partial sums; rank 0 alone carries them
         carried = self.env.is_main and self.start_step > 0
-        self.tally = StepTally.start(self.env.device, self.start_epoch * steps + self.start_step, self.nonfinite,
+        self.steps_taken = self.start_epoch * steps + self.start_step
+        self.tally = StepTally.start(self.env.device, self.steps_taken, self.nonfinite,
                                      self.partial["loss_sum"] if carried else 0.0,
                                      int(self.partial["seen"]) if carried else 0)
+        self.runner = self._step_runner()  # captured (if at all) after the tally and the state it updates
 
     def _resumed_history(self, state: dict[str, Any]) -> list[dict[str, Any]]:
         """The records of the epochs the checkpoint holds: its own copy (saved with it, so the
@@ -437,9 +483,11 @@ class Trainer:
         (atomically: see save_checkpoint). Every rank must call it (it gathers the streams)."""
         rng = all_gather_object(self._rng_state(), self.env)
         if self.env.is_main:
+            # float LRs, as a LambdaLR stepped once per step leaves them: the format of every version
+            optimizer, scheduler = self.schedule.checkpoint_states(self.optimizer, self.scheduler, self.steps_taken)
             save_checkpoint(self.ckpt_path, {
-                "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "rng": rng,
+                "model": self.model.state_dict(), "optimizer": optimizer,
+                "scheduler": scheduler, "scaler": self.scaler.state_dict(), "rng": rng,
                 "epoch": epochs_done - 1, "step_in_epoch": step_in_epoch, "partial": part or {},
                 "nonfinite_steps": self.nonfinite, "fingerprint": self.fp_hash, "fingerprint_fields": self.fp,
                 "config": self.cfg.to_dict(), "num_classes": self.data.num_classes,

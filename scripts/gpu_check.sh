@@ -14,6 +14,8 @@
 #   limit     per stage, a real epoch vs the same train_step calls on one in-memory batch,
 #             seed-gpu preset (targets: <= 1.15, teacher >= 120k img/s)
 #   step      the teacher's train_step at batch 256, 1024 and 4096: fp32 / channels_last / bf16 / fp16
+#   graph     the teacher's step at batch 256 and 1024, bf16: the Python-number-LR step as it was,
+#             the tensor-only step eager, and the same captured as a CUDA graph (train.cuda_graph)
 #   multi     with more than one GPU: the warm pipeline on all of them (scaling, same accuracies)
 #   strong    OPTIONAL, not in the default STEPS, in a call of its own: the `strong` preset's whole
 #             pipeline (ResNet-18 teacher with the CIFAR stem -> cache -> student_cnn normal and
@@ -35,7 +37,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu-check}
 WORK=${WORK:-/tmp/kd-gpu-work}       # emptied first: the summary is of this call only
 CACHE=${CACHE:-/tmp/kd-gpu-cache}    # prepared data, outside WORK (not archived); `cold` empties it
-STEPS=${STEPS:-env preflight smoke cold warm limit step multi}
+STEPS=${STEPS:-env preflight smoke cold warm limit step graph multi}
 PRESET=${PRESET:-seed-gpu}
 BUDGET_S=${BUDGET_S:-180}
 PREFLIGHT_S=${PREFLIGHT_S:-20}
@@ -139,6 +141,10 @@ for s in $STEPS; do
             step "step-$b" 30 "$PY" -m benchmarks --only train_step --batch "$b" --cache-dir "$CACHE" \
               --out "$WORK/step-$b"
           done ;;
+    graph) for b in 256 1024; do
+             step "graph-$b" 30 "$PY" -m benchmarks --only tensor_step --batch "$b" --cache-dir "$CACHE" \
+               --out "$WORK/graph-$b"
+           done ;;
     strong) PRESET=strong pipeline strong 270 1 --tag strong ;;
     multi) ngpu=$(timeout 30 "$PY" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)
            if [ "$ngpu" -gt 1 ]; then pipeline "multi-$ngpu" 120 "$ngpu"
