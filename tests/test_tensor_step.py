@@ -1,4 +1,4 @@
-"""The tensor-only training step (issue 24, item 2): the LR, view and seed as device tensors,
+"""The tensor-only training step (issue 23, item 2): the LR, view and seed as device tensors,
 so that the step can be captured as one CUDA graph. On the CPU: the same weights, bitwise, as
 the step of a Python-number LR and view; the forward region compiles whole without
 recompiling; no host sync in the step; a capture that fails falls back to eager steps."""
