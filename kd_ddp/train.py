@@ -3,16 +3,18 @@
 `train_stage` reads top to bottom: skip a stage that is done, build a `Trainer` (model,
 optimizer, schedule, loaders and the stage's objective: components by role), resume it
 from its checkpoint, run its epochs, write the summary. The Trainer reads the same way:
-`fit` (the epochs) -> `run_epoch` (the steps, then the evaluation) -> `train_step` (the one
-step function the benchmarks call too) -> `check` (the host's look at the flags). A teacher
+`fit` (the epochs) -> `run_epoch` (the steps, then the evaluation) -> `step_on` (the one
+step function; `train_step`, which the benchmarks call, makes its input and calls it) ->
+`check` (the host's look at the flags). A teacher
 given as `model.teacher_checkpoint` is adopted instead of trained (kd_ddp/teachers.py).
 Around it: fingerprints (kd_ddp/fingerprints.py) decide what may be reused, objectives
 (kd_ddp/objectives.py) each stage's loss, precision (kd_ddp/precision.py) the autocast.
 
 Data flow of one step: the loader gives NHWC uint8 images with their sample indices ->
 the student's input (`augment.StudentInput`: crop + flip, a pure function of seed, view and
-index, then normalize to a channels_last float tensor; the logits cache makes its teacher's
-input with the same function) -> model under autocast -> the stage's objective (for KD,
+index, then normalize to a channels_last float tensor; made by the loader per batch, or with
+device-resident data a chunk of batches at a time, bitwise the same; the logits cache makes
+its teacher's input with the same function) -> model under autocast -> the stage's objective (for KD,
 with the teacher's logits for the same pixels from the cache or a live teacher forward).
 Epoch e uses view e; the cached KD student uses view e % kd.views, the views the cache holds.
 
@@ -221,7 +223,7 @@ class Trainer:
         self.tally = StepTally.start(env.device, 0, 0, 0.0, 0)
         self.stop = StopRequest()  # installed where training starts (fit), not here
 
-    # -- the loop, top to bottom: fit -> run_epoch -> train_step -> check -----------
+    # -- the loop, top to bottom: fit -> run_epoch -> step_on -> check --------------
 
     def fit(self, tracker: StageTracker) -> dict[str, Any]:
         env = self.env
@@ -270,8 +272,10 @@ class Trainer:
         t0 = time.perf_counter() - (self.partial["time_s"] if first else 0.0)
         steps = len(self.loader)
         self.net.train()
-        for step, (images, labels, idx) in enumerate(self.loader.epoch(epoch, first), start=first):
-            self.train_step(images, labels, idx, view)
+        # the student's inputs, made by the loader (a chunk of batches at a time with device-resident data)
+        for step, (x, labels, idx) in enumerate(self.loader.inputs(epoch, view, self.student_input, first),
+                                                start=first):
+            self.step_on(x, labels, idx, view)
             bar.update()
             last = step + 1 == steps
             if (step + 1) % self.check_every == 0 or last:
@@ -301,12 +305,17 @@ class Trainer:
         }
 
     def train_step(self, images: torch.Tensor, labels: torch.Tensor, idx: torch.Tensor, view: int) -> None:
-        """One optimizer step on a batch (NHWC uint8 images of view `view`), without a host sync.
+        """One optimizer step on a loader batch (NHWC uint8 images), view `view`: the student's
+        input (StudentInput), then `step_on`. The loop gets its inputs from the loader instead
+        (TrainLoader.inputs: the same pixels, bitwise)."""
+        self.step_on(self.student_input(images, idx, view), labels, idx, view)
+
+    def step_on(self, x: torch.Tensor, labels: torch.Tensor, idx: torch.Tensor, view: int) -> None:
+        """One optimizer step on the student's input `x` of a batch, without a host sync.
 
         A non-finite loss on any rank skips the update on every rank (the flag is all-reduced
         on the device) and is counted in the tally; `check` reads the count.
         """
-        x = self.student_input(images, idx, view)
         with autocast(self.env.device, self.dtype):
             logits = self.net(x)
         loss = self.objective(logits, x, labels, idx, view)
