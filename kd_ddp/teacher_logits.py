@@ -240,13 +240,13 @@ def teacher_logits(teacher: nn.Module, x: torch.Tensor, amp_dtype: torch.dtype |
 def shard_view_logits(teacher: nn.Module, loader: EvalLoader, view: int, student_input: StudentInput,
                       amp_dtype: torch.dtype | None, dtype: torch.dtype, classes: int) -> torch.Tensor:
     """The teacher's logits, in the cache's `dtype`, on view `view` of every sample of the
-    loader's shard, row i for sample loader.indices[i]: gathered on the device batch by
-    batch, with no host sync (the loader yields the shard in index order)."""
+    loader's shard (a contiguous range of samples), row i for sample loader.indices[0] + i:
+    gathered on the device batch by batch, placed by sample index, with no host sync."""
     device = student_input.mean.device
     out = torch.empty((len(loader.indices), classes), dtype=dtype, device=device)
-    done = 0
+    first, done = int(loader.indices[0]) if len(loader.indices) else 0, 0
     for x, _, idx in loader.inputs(student_input, view):
-        out[done: done + len(idx)] = teacher_logits(teacher, x, amp_dtype)
+        out[to_device(idx, device) - first] = teacher_logits(teacher, x, amp_dtype).to(dtype)
         done += len(idx)
     assert done == len(out), (done, len(out))  # sizes only: known on the host
     return out
