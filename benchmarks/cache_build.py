@@ -104,20 +104,24 @@ def run(work: Path, loaders: list[str], train_images: int = 10_000, views: int =
             samples[f"build {name}"].append(images / _timed(build, device))
         samples["forward"].append(batch / time_steps(forward, FORWARD_BATCHES, device, warmup=2))
         samples["train step"].append(train_batch / time_steps(train_step, TRAIN_STEPS, device))
-    return {"device": str(device), "precision": precision_name(amp_dtype(base, device)),
+    return {"device": str(device), "threads": torch.get_num_threads(),
+            "precision": precision_name(amp_dtype(base, device)),
             "teacher": f"{base.model.teacher} w{base.model.teacher_width}", "train_images": train_images,
             "views": views, "batch": batch, "train_batch": train_batch,
-            "images_per_s": {k: statistics.median(v) for k, v in samples.items()}, "samples": samples}
+            "images_per_s": {k: statistics.median(v) for k, v in samples.items()},
+            "best": {k: max(v) for k, v in samples.items()}, "samples": samples}
 
 
 def markdown(r: dict[str, Any]) -> str:
     rates = r["images_per_s"]
     fwd = rates["forward"]
     out = [f"{r['teacher']}, {r['precision']}, {r['views']} views x {r['train_images']} images, build batch "
-           f"{r['batch']}, training batch {r['train_batch']}, device {r['device']}", "",
-           "| what | images/s | vs forward only | vs training step |", "|---|---|---|---|"]
+           f"{r['batch']}, training batch {r['train_batch']}, device {r['device']}, {r['threads']} torch threads", "",
+           "| what | images/s (median) | vs forward only | vs training step | best round (images/s) |",
+           "|---|---|---|---|---|"]
     for name, rate in rates.items():
-        out.append(f"| {name} | {rate:.0f} | {rate / fwd:.2f} | {rate / rates['train step']:.2f} |")
+        out.append(f"| {name} | {rate:.0f} | {rate / fwd:.2f} | {rate / rates['train step']:.2f} | "
+                   f"{r['best'][name]:.0f} |")
     return "\n".join(out)
 
 
