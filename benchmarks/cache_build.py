@@ -83,8 +83,11 @@ def _timed(fn: Callable[[], None], device: torch.device) -> float:
     return time.perf_counter() - t0
 
 
-def run(work: Path, loaders: list[str], train_images: int = 10_000, views: int = 2,
-        repeats: int = 2) -> dict[str, Any]:
+def run(work: Path, loaders: list[str], train_images: int = 10_000, views: int = 2, repeats: int = 2,
+        threads: int = 0) -> dict[str, Any]:
+    """`threads`: torch's threads in every timed round (0: as now). Importing FFCV sets them
+    to 1 (see data._import_ffcv): main() passes the count torch had before any import of it."""
+    threads = threads or torch.get_num_threads()
     device = pick_device("auto", 0)
     env = DistEnv(device=device, cpus=available_cores())
     cfgs = {name: _config(work, name, train_images, views) for name in loaders}
@@ -101,10 +104,12 @@ def run(work: Path, loaders: list[str], train_images: int = 10_000, views: int =
     samples: dict[str, list[float]] = {f"build {n}": [] for n in loaders} | {"forward": [], "train step": []}
     for _ in range(repeats):  # interleaved, so drift in the machine's load hits all alike
         for name, build in builds.items():
+            torch.set_num_threads(threads)  # a build through FFCV may have changed them
             samples[f"build {name}"].append(images / _timed(build, device))
+        torch.set_num_threads(threads)
         samples["forward"].append(batch / time_steps(forward, FORWARD_BATCHES, device, warmup=2))
         samples["train step"].append(train_batch / time_steps(train_step, TRAIN_STEPS, device))
-    return {"device": str(device), "threads": torch.get_num_threads(),
+    return {"device": str(device), "threads": threads,
             "precision": precision_name(amp_dtype(base, device)),
             "teacher": f"{base.model.teacher} w{base.model.teacher_width}", "train_images": train_images,
             "views": views, "batch": batch, "train_batch": train_batch,
@@ -126,6 +131,7 @@ def markdown(r: dict[str, Any]) -> str:
 
 
 def main() -> None:
+    threads = torch.get_num_threads()  # before ffcv_available() imports FFCV, which sets them to 1
     p = argparse.ArgumentParser(prog="python -m benchmarks.cache_build")
     p.add_argument("--train-images", type=int, default=10_000, help="synthetic training images (32x32)")
     p.add_argument("--views", type=int, default=2, help="kd.views: views the cache holds")
@@ -134,7 +140,7 @@ def main() -> None:
                    choices=["device", "torch", "ffcv"], help="data.loader of the builds timed")
     a = p.parse_args()
     with tempfile.TemporaryDirectory(prefix="kd-cache-bench-") as tmp:
-        r = run(Path(tmp), a.loaders, a.train_images, a.views, a.repeats)
+        r = run(Path(tmp), a.loaders, a.train_images, a.views, a.repeats, threads)
     print(markdown(r))
     print(json.dumps(r))
 
