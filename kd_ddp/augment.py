@@ -130,11 +130,34 @@ def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
               channels_last: bool = True) -> torch.Tensor:
-    """NHWC uint8 -> NCHW float normalized; NHWC memory already *is* channels_last."""
+    """NHWC uint8 -> NCHW float normalized; NHWC memory already *is* channels_last.
+
+    In place after the one float copy: the same IEEE operations, element by element, as
+    `(x - mean) / std`, without a second and third float copy of a chunk (`chunk_size`)."""
     x = images.permute(0, 3, 1, 2).float().div_(255.0)
-    x = (x - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
+    x = x.sub_(mean.view(1, -1, 1, 1)).div_(std.view(1, -1, 1, 1))
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     return x.contiguous(memory_format=fmt)
+
+
+# Chunked inputs (data.loader=device: `TensorLoader.inputs`). Every sample's pixels depend
+# on (seed, view, index) alone and normalize works element by element, so StudentInput of a
+# chunk of K batches is, sliced, bitwise the K per-batch results (tests/test_augment.py),
+# made with the ~55 small kernels of one batch instead of K times them. A chunk's student
+# input is float32: 12 KiB per 32x32x3 image, so a whole CIFAR-10 epoch would be 600 MB
+# (150 MB as uint8). CHUNK_BYTES bounds it instead: 128 MiB = 10,922 such images, 42 batches
+# of 256 or 10 of 1024 (from ~55 kernels a step to ~5 or fewer), while the memory in use
+# stays under ~2.5 x CHUNK_BYTES (320 MiB) as a chunk is made: the previous chunk, which the
+# step on its last batch still holds, the new float chunk, and its uint8 gather and crop
+# (1/4 of it each; the padded copy, ~0.4, is freed before the float one is made). Bigger
+# chunks would save no launches worth having and take GPU memory from the activations.
+CHUNK_BYTES = 128 << 20
+
+
+def chunk_size(batch: int, sample_bytes: int) -> int:
+    """Samples per chunk: the most whole batches whose student input fits CHUNK_BYTES (read
+    at each call, so a test can make chunks of a few batches), at least one batch."""
+    return batch * max(1, CHUNK_BYTES // (batch * sample_bytes))
 
 
 @dataclass(frozen=True)
@@ -156,5 +179,11 @@ class StudentInput:
         return cls(cfg.seed, cfg.data.crop_padding, cfg.data.flip, mean, std, cfg.train.channels_last)
 
     def __call__(self, images: torch.Tensor, indices: torch.Tensor, view: int) -> torch.Tensor:
+        """The input of a batch, or of a chunk of batches: the same pixels either way."""
         views = augment(images, indices, seed=self.seed, view=view, padding=self.padding, flip=self.flip)
         return normalize(views, self.mean, self.std, self.channels_last)
+
+    @staticmethod
+    def sample_bytes(images: torch.Tensor) -> int:
+        """Bytes of one sample's input (float32) for NHWC `images`: what `chunk_size` divides by."""
+        return images[0].numel() * 4

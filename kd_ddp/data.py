@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from kd_ddp.augment import to_device
+from kd_ddp.augment import StudentInput, chunk_size, to_device
 from kd_ddp.checkpoint import NoSpaceError, atomic_output, atomic_write_json
 from kd_ddp.config import Config, ConfigError, fingerprint
 from kd_ddp.distributed import DistEnv, available_cores, broadcast_object
@@ -438,6 +438,7 @@ class TensorLoader:
 
     def __init__(self, data: PreparedData, split: str, batch_size: int, device: torch.device,
                  resident: bool) -> None:
+        self.resident = resident
         self.storage = device if resident else torch.device("cpu")
         self.images, self.labels = split_tensors(data.dir, data.content_hash, split, self.storage)
         self.batch_size = batch_size
@@ -449,6 +450,33 @@ class TensorLoader:
         for start in range(0, stop, self.batch_size):
             idx = order_t[start: start + self.batch_size]
             yield (to_device(self.images[idx], self.device), to_device(self.labels[idx], self.device), idx)
+
+    def inputs(self, order: np.ndarray, drop_last: bool, student_input: StudentInput, view: int) -> Iterator[Batch]:
+        """The batches of `iterate` with the student's input of view `view` in place of the
+        images. Device-resident: made a chunk of batches at a time (augment.chunk_size; the
+        same pixels, bitwise), each batch a slice of its chunk. In host memory: per batch,
+        after its copy to the device (a chunk would copy K batches in one blocking go)."""
+        if not self.resident:
+            return student_inputs(self.iterate(order, drop_last), student_input, view)
+        return self._chunked_inputs(order, drop_last, student_input, view)
+
+    def _chunked_inputs(self, order: np.ndarray, drop_last: bool, student_input: StudentInput,
+                        view: int) -> Iterator[Batch]:
+        bs = self.batch_size
+        stop = len(order) - (len(order) % bs if drop_last else 0)
+        order_t = to_device(torch.from_numpy(np.ascontiguousarray(order)), self.storage)  # once per epoch
+        chunk = chunk_size(bs, StudentInput.sample_bytes(self.images))
+        for start in range(0, stop, chunk):
+            idx = order_t[start: min(start + chunk, stop)]
+            x, labels = student_input(self.images[idx], idx, view), self.labels[idx]
+            for b in range(0, len(idx), bs):
+                yield x[b: b + bs], labels[b: b + bs], idx[b: b + bs]
+
+
+def student_inputs(batches: Iterator[Batch], student_input: StudentInput, view: int) -> Iterator[Batch]:
+    """Per batch: each loader batch with the student's input of view `view` in place of its images."""
+    for images, labels, idx in batches:
+        yield student_input(images, idx, view), labels, idx
 
 
 @functools.lru_cache(maxsize=4)
@@ -573,6 +601,14 @@ class TrainLoader:
             return self.impl.iterate(epoch)
         return self.impl.iterate(self._remaining_order(epoch), drop_last=True)
 
+    def inputs(self, epoch: int, view: int, student_input: StudentInput, start_step: int = 0) -> Iterator[Batch]:
+        """`epoch`'s batches as (student input of view `view`, labels, indices): what the
+        training loop steps on (chunked with device-resident data, see TensorLoader.inputs)."""
+        if isinstance(self.impl, FFCVLoader):
+            return student_inputs(self.epoch(epoch, start_step), student_input, view)
+        self._start_step = start_step
+        return self.impl.inputs(self._remaining_order(epoch), True, student_input, view)
+
 
 class EvalLoader:
     """This rank's disjoint shard of a split, in index order, every sample exactly once."""
@@ -593,3 +629,10 @@ class EvalLoader:
         if isinstance(self.impl, FFCVLoader):
             return self.impl.iterate(0)
         return self.impl.iterate(self.indices, drop_last=False)
+
+    def inputs(self, student_input: StudentInput, view: int) -> Iterator[Batch]:
+        """The shard's batches as (student input of view `view`, labels, indices), in index
+        order: what the logits cache is built from (chunked with device-resident data)."""
+        if isinstance(self.impl, FFCVLoader):
+            return student_inputs(iter(self), student_input, view)
+        return self.impl.inputs(self.indices, False, student_input, view)

@@ -8,8 +8,12 @@ step to step lives in a device tensor the step reads:
   one column per global step, LambdaLR's own values), indexed by the tally's device step
   counter and copied into the tensors that are the optimizer's `group["lr"]` (fused SGD
   takes a tensor LR: on a GPU it reads it from device memory);
-- the view and the seed (the augmentation's key): int64 device tensors (`crop_flip_params_t`);
-- the batch: static buffers the loader's batch is copied into (`GraphedStep`).
+- the view (which view's cached logits the KD student reads): an int64 device tensor. The
+  augmentation itself (crop + flip keyed by seed and view, then normalize) is made by the
+  loader before the step, a chunk of batches at a time with device-resident data
+  (augment.StudentInput); `augment.crop_flip_params_t` is its key as device tensors, for a
+  step that augments inside the graph;
+- the batch (the student's input, labels, indices): static buffers it is copied into (`GraphedStep`).
 
 `GraphedStep` runs a step function eagerly for a few warm-up steps (real training steps, on
 a side stream, as the guide says: cuDNN's algorithm search, the allocator and lazy inits happen

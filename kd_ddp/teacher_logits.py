@@ -225,14 +225,42 @@ class LogitsCache:
         return self.table[view % self.views, to_device(indices, self.table.device)]
 
 
-@torch.no_grad()
 def teacher_view_logits(teacher: nn.Module, images: torch.Tensor, indices: torch.Tensor, view: int,
                         student_input: StudentInput, amp_dtype: torch.dtype | None) -> torch.Tensor:
     """The teacher's logits on view `view` of a batch: the pixels the student gets, made by
     the student's own input function."""
-    x = student_input(images, indices, view)
+    return teacher_logits(teacher, student_input(images, indices, view), amp_dtype)
+
+
+@torch.no_grad()
+def teacher_logits(teacher: nn.Module, x: torch.Tensor, amp_dtype: torch.dtype | None) -> torch.Tensor:
+    """The teacher's float32 logits on the student's input `x` of a batch."""
     with autocast(x.device, amp_dtype):
         return teacher(x).float()
+
+
+def shard_view_logits(teacher: nn.Module, loader: EvalLoader, view: int, student_input: StudentInput,
+                      amp_dtype: torch.dtype | None, dtype: torch.dtype, classes: int) -> torch.Tensor:
+    """The teacher's logits, in the cache's `dtype`, on view `view` of every sample of the
+    loader's shard (a contiguous range of samples), row i for sample loader.indices[0] + i:
+    gathered on the device batch by batch, placed by sample index, with no host sync."""
+    device = student_input.mean.device
+    out = torch.empty((len(loader.indices), classes), dtype=dtype, device=device)
+    first, done = int(loader.indices[0]) if len(loader.indices) else 0, 0
+    for x, _, idx in loader.inputs(student_input, view):
+        out[to_device(idx, device) - first] = teacher_logits(teacher, x, amp_dtype).to(dtype)
+        done += len(idx)
+    assert done == len(out), (done, len(out))  # sizes only: known on the host
+    return out
+
+
+def _host_rows(logits: torch.Tensor, dtype: np.dtype) -> np.ndarray:
+    """Device logits as an array of the cache file's numpy dtype (bfloat16 as its bits). The
+    copy to the host waits for the view's last forward: the build's one host sync per view."""
+    host = logits.cpu()
+    if host.dtype == torch.bfloat16:
+        host = host.view(torch.int16)
+    return host.numpy().view(dtype)
 
 
 def _fsync(path: Path) -> None:
@@ -292,13 +320,11 @@ def build_cache(cfg: Config, env: DistEnv, data: PreparedData, teacher: nn.Modul
     teacher.eval()
     student_input = StudentInput.of(cfg, *data.stats(env.device))
     torch_dtype = _TORCH_DTYPES[cfg.kd.cache_dtype]
+    lo = first - offset  # this rank's shard in `mine`: rows lo .. lo + len(loader.indices) - 1
     for view in range(views):
-        for images, _, idx in loader:
-            logits = teacher_view_logits(teacher, images, idx, view, student_input, amp_dtype).to(torch_dtype).cpu()
-            if cfg.kd.cache_dtype == "bfloat16":
-                logits = logits.view(torch.int16)
-            assert rows is not None
-            rows[view, idx.cpu().numpy() - offset] = logits.numpy().view(rows.dtype)
+        logits = shard_view_logits(teacher, loader, view, student_input, amp_dtype, torch_dtype, classes)
+        if rows is not None:
+            rows[view, lo: lo + len(logits)] = _host_rows(logits, rows.dtype)  # host sync: once per view
         if env.is_main:
             log.info("cached view %d/%d", view + 1, views)
     if rows is not None:

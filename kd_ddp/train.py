@@ -3,16 +3,18 @@
 `train_stage` reads top to bottom: skip a stage that is done, build a `Trainer` (model,
 optimizer, schedule, loaders and the stage's objective: components by role), resume it
 from its checkpoint, run its epochs, write the summary. The Trainer reads the same way:
-`fit` (the epochs) -> `run_epoch` (the steps, then the evaluation) -> `train_step` (the one
-step function the benchmarks call too) -> `check` (the host's look at the flags). A teacher
+`fit` (the epochs) -> `run_epoch` (the steps, then the evaluation) -> `step_on` (the one
+step function; `train_step`, which the benchmarks call, makes its input and calls it) ->
+`check` (the host's look at the flags). A teacher
 given as `model.teacher_checkpoint` is adopted instead of trained (kd_ddp/teachers.py).
 Around it: fingerprints (kd_ddp/fingerprints.py) decide what may be reused, objectives
 (kd_ddp/objectives.py) each stage's loss, precision (kd_ddp/precision.py) the autocast.
 
 Data flow of one step: the loader gives NHWC uint8 images with their sample indices ->
 the student's input (`augment.StudentInput`: crop + flip, a pure function of seed, view and
-index, then normalize to a channels_last float tensor; the logits cache makes its teacher's
-input with the same function) -> model under autocast -> the stage's objective (for KD,
+index, then normalize to a channels_last float tensor; made by the loader per batch, or with
+device-resident data a chunk of batches at a time, bitwise the same; the logits cache makes
+its teacher's input with the same function) -> model under autocast -> the stage's objective (for KD,
 with the teacher's logits for the same pixels from the cache or a live teacher forward).
 Epoch e uses view e; the cached KD student uses view e % kd.views, the views the cache holds.
 
@@ -21,9 +23,10 @@ update of a bad step is skipped there (fused SGD's `found_inf`, the mechanism Gr
 uses), and the loss sums and flags stay on the device. The host reads them at the points
 marked "host sync" below: the flags every `train.check_every` steps (non-finite steps,
 SIGTERM), the epoch's loss sums, the evaluation's sums, and the checkpoint. Nothing that
-changes between steps is a Python number in the step (the LR, view and seed are device
-tensors), so on a GPU the step is captured once as a CUDA graph and replayed
-(kd_ddp/graphed_step.py, train.cuda_graph).
+changes between steps is a Python number in the step (the LR and the view are device
+tensors; the seed and view of the augmentation are applied by the loader, before the step),
+so on a GPU the step is captured once as a CUDA graph and replayed on static buffers of its
+input (kd_ddp/graphed_step.py, train.cuda_graph).
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from kd_ddp import stages
-from kd_ddp.augment import StudentInput, crop_flip, crop_flip_params_t, normalize, to_device
+from kd_ddp.augment import StudentInput
 from kd_ddp.checkpoint import atomic_write_json, load_checkpoint, save_checkpoint, weights_hash
 from kd_ddp.config import Config, fingerprint
 from kd_ddp.data import EvalLoader, PreparedData, TrainLoader, resolve_loader
@@ -212,12 +215,11 @@ class Trainer:
         self.optimizer = make_optimizer(cfg, self.model, role)
         total, warmup = self.epochs * len(self.loader), int(cfg.warmup_for(role) * len(self.loader))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_at(s, total, warmup))
-        # The LR, view and seed as device tensors the step reads (kd_ddp/graphed_step.py): no
+        # The LR and the view as device tensors the step reads (kd_ddp/graphed_step.py): no
         # Python number that changes between steps, so the step can be replayed as a CUDA graph.
         self.total_steps = total
         self.schedule = DeviceSchedule(self.scheduler, total, env.device)
         self.schedule.install(self.optimizer)
-        self.seed_t = torch.tensor(cfg.seed, dtype=torch.int64, device=env.device)
         self.view_t = torch.tensor(0, dtype=torch.int64, device=env.device)
         self.view = 0  # the host's copy of view_t
         self.steps_taken = 0  # global steps taken (the device's count is tally.step)
@@ -236,7 +238,7 @@ class Trainer:
         self.runner = self._step_runner(announce=False)  # made again by resume, which says which it is
         self.stop = StopRequest()  # installed where training starts (fit), not here
 
-    # -- the loop, top to bottom: fit -> run_epoch -> train_step -> check -----------
+    # -- the loop, top to bottom: fit -> run_epoch -> step_on -> check --------------
 
     def fit(self, tracker: StageTracker) -> dict[str, Any]:
         env = self.env
@@ -285,8 +287,10 @@ class Trainer:
         t0 = time.perf_counter() - (self.partial["time_s"] if first else 0.0)
         steps = len(self.loader)
         self.net.train()
-        for step, (images, labels, idx) in enumerate(self.loader.epoch(epoch, first), start=first):
-            self.train_step(images, labels, idx, view)
+        # the student's inputs, made by the loader (a chunk of batches at a time with device-resident data)
+        for step, (x, labels, idx) in enumerate(self.loader.inputs(epoch, view, self.student_input, first),
+                                                start=first):
+            self.step_on(x, labels, idx, view)
             bar.update()
             last = step + 1 == steps
             if (step + 1) % self.check_every == 0 or last:
@@ -316,23 +320,29 @@ class Trainer:
         }
 
     def train_step(self, images: torch.Tensor, labels: torch.Tensor, idx: torch.Tensor, view: int) -> None:
-        """One optimizer step on a batch (NHWC uint8 images of view `view`), without a host sync.
+        """One optimizer step on a loader batch (NHWC uint8 images), view `view`: the student's
+        input (StudentInput), then `step_on`. The loop gets its inputs from the loader instead
+        (TrainLoader.inputs: the same pixels, bitwise)."""
+        self.step_on(self.student_input(images, idx, view), labels, idx, view)
+
+    def step_on(self, x: torch.Tensor, labels: torch.Tensor, idx: torch.Tensor, view: int) -> None:
+        """One optimizer step on the student's input `x` of a batch, without a host sync.
 
         A non-finite loss on any rank skips the update on every rank (the flag is all-reduced
         on the device) and is counted in the tally; `check` reads the count. The step itself
-        (`_step`) reads the LR, view and seed from device tensors: it runs eagerly or as a
+        (`_step`) reads the LR and the view from device tensors: it runs eagerly or as a
         replayed CUDA graph (`self.runner`, train.cuda_graph).
         """
         if view != self.view:  # outside the step: the graph reads view_t
             self.view_t.fill_(view)
             self.view = view
         self.lr = self.schedule.host_lr(self.steps_taken)
-        self.runner(images, labels, idx)
+        self.runner(x, labels, idx)
         self.steps_taken += 1
 
-    def _step(self, images: torch.Tensor, labels: torch.Tensor, idx: torch.Tensor) -> None:
+    def _step(self, x: torch.Tensor, labels: torch.Tensor, idx: torch.Tensor) -> None:
         """Forward, loss, backward, the masked update (LR of the tally's step), the tally."""
-        loss = self.forward_loss(images, labels, idx, self.view_t)
+        loss = self.forward_loss(x, labels, idx, self.view_t)
         bad = all_reduce_tensor((~torch.isfinite(loss.detach())).float(), self.env) > 0
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
@@ -340,14 +350,11 @@ class Trainer:
         self._update(bad)
         self.tally.add(loss.detach(), bad, len(labels), self.limit)
 
-    def forward_loss(self, images: torch.Tensor, labels: torch.Tensor, idx: torch.Tensor,
+    def forward_loss(self, x: torch.Tensor, labels: torch.Tensor, idx: torch.Tensor,
                      view: torch.Tensor) -> torch.Tensor:
-        """The student's input (StudentInput's crop, flip and normalize, keyed by the device
-        tensors seed_t and `view`), the model under autocast, the stage's loss. One region
-        without Python numbers: torch.compile(fullgraph=True) takes it whole (tested)."""
-        si = self.student_input
-        dy, dx, flipped = crop_flip_params_t(self.seed_t, view, to_device(idx, images.device), si.padding, si.flip)
-        x = normalize(crop_flip(images, dy, dx, flipped, si.padding), si.mean, si.std, si.channels_last)
+        """The model on the student's input `x` under autocast, then the stage's loss (view: the
+        device tensor view_t, which the cached KD student's lookup reads). One region without
+        Python numbers: torch.compile(fullgraph=True) takes it whole (tested)."""
         with autocast(self.env.device, self.dtype, cache_enabled=False):
             logits = self.net(x)
         return self.objective(logits, x, labels, idx, view)  # type: ignore[arg-type]  # view: a tensor

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from kd_ddp.augment import augment, crop_flip_params, normalize
+from kd_ddp import augment as augment_module
+from kd_ddp.augment import StudentInput, augment, chunk_size, crop_flip_params, normalize
 
 pytestmark = pytest.mark.fast  # in-process unit tests (tests/conftest.py)
 
@@ -94,3 +95,38 @@ def test_normalize_gives_channels_last_floats() -> None:
     assert x.shape == (6, 3, 8, 8) and x.is_contiguous(memory_format=torch.channels_last)
     expected = (imgs.permute(0, 3, 1, 2).float() / 255 - 0.5) / 0.25
     torch.testing.assert_close(x, expected)
+
+
+def _bits(x: torch.Tensor) -> torch.Tensor:
+    """A float tensor's bytes in a fixed (contiguous) layout: torch.equal on them is bitwise."""
+    return x.contiguous().view(torch.int32)
+
+
+def _student_input(seed: int, padding: int, flip: bool, channels_last: bool) -> StudentInput:
+    return StudentInput(seed, padding, flip, torch.tensor([0.49, 0.48, 0.45]), torch.tensor([0.25, 0.24, 0.26]),
+                        channels_last)
+
+
+@pytest.mark.parametrize(("seed", "view", "padding", "flip", "channels_last"), [
+    (0, 0, 4, True, True), (7, 3, 4, False, True), (2**31 + 5, 19, 2, True, False), (1, 1, 0, True, True)])
+def test_a_chunk_of_batches_is_bitwise_its_batches(seed: int, view: int, padding: int, flip: bool,
+                                                   channels_last: bool) -> None:
+    """The student input of a chunk, sliced, is the per-batch input of each batch, bit for bit,
+    also where the chunks' boundaries (0, 300, 650, 700) fall inside batches of 64."""
+    store = _images(n=1000, size=32)
+    order = torch.from_numpy(np.random.default_rng(seed % 1000).permutation(1000)[:700])
+    si = _student_input(seed, padding, flip, channels_last)
+    per_batch = torch.cat([si(store[order[s: s + 64]], order[s: s + 64], view) for s in range(0, 700, 64)])
+    chunked = torch.cat([si(store[order[a:b]], order[a:b], view) for a, b in ((0, 300), (300, 650), (650, 700))])
+    assert torch.equal(_bits(chunked), _bits(per_batch))
+    other_view = si(store[order[:300]], order[:300], view + 1)  # the comparison can tell views apart
+    assert not torch.equal(_bits(other_view), _bits(per_batch[:300]))
+
+
+def test_chunk_size_is_whole_batches_within_the_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    sample = StudentInput.sample_bytes(_images(n=1, size=32))
+    assert sample == 32 * 32 * 3 * 4
+    assert chunk_size(256, sample) == 256 * 42  # 128 MiB: 42 batches of 256 CIFAR images
+    monkeypatch.setattr(augment_module, "CHUNK_BYTES", 3 * 64 * sample + 1)
+    assert chunk_size(64, sample) == 3 * 64
+    assert chunk_size(1024, sample) == 1024  # never less than one batch

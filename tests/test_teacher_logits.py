@@ -9,12 +9,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
+from kd_ddp import augment as augment_module
+from kd_ddp import teacher_logits
+from kd_ddp.augment import StudentInput
 from kd_ddp.config import load_config
 from kd_ddp.data import prepare_data
 from kd_ddp.distributed import DistEnv
 from kd_ddp.metrics_io import read_metrics
-from kd_ddp.teacher_logits import CacheError, check_cache
+from kd_ddp.models import make_model
+from kd_ddp.teacher_logits import CacheError, TeacherRecord, build_cache, check_cache, teacher_view_logits
 from kd_ddp.teachers import load_trained_teacher
 from tests.conftest import assert_user_error, run_cli, run_worker, small_tmpfs
 
@@ -174,3 +179,41 @@ def test_live_teacher_kd_sees_a_fresh_view_each_epoch(cache_copy: Path, cache_di
         assert c["train_loss"] == pytest.approx(v["train_loss"], rel=1e-2)
     summary = json.loads((live / "student-kd" / "summary.json").read_text())
     assert summary["kd"]["teacher"] == "live"
+
+
+CIFAR_SAMPLE_BYTES = 32 * 32 * 3 * 4  # one 32x32 RGB image's student input (float32)
+
+
+def _build(run_dir: Path, cache_dir: Path, loader: str) -> tuple[np.ndarray, torch.nn.Module, StudentInput]:
+    """A cache built in process from an untrained smoke teacher (its weights do not matter
+    here), its eval batches of 100 ending in one of 12 (512 samples): rows, teacher, input."""
+    cfg = load_config("smoke", [f"run.dir={run_dir}", f"data.cache_dir={cache_dir}", f"data.loader={loader}",
+                                "train.eval_batch_size=100", "tracking.wandb.mode=disabled"])
+    env = DistEnv()
+    data = prepare_data(cfg, env)
+    teacher = make_model(cfg, "teacher", data.num_classes, env.device)
+    build_cache(cfg, env, data, teacher, TeacherRecord("untrained", {}, "off"), None)
+    return np.load(teacher_logits.cache_dir(cfg) / "logits.npy"), teacher, StudentInput.of(cfg, *data.stats(env.device))
+
+
+@pytest.mark.fast
+def test_cache_built_from_chunks_is_the_per_batch_cache_bitwise(tmp_path: Path, cache_dir: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """data.loader=device builds a view 3 batches at a time (chunks of 300 samples, the last
+    of 212), data.loader=torch batch by batch: the same rows, bit for bit. And the rows are
+    the teacher's logits on the student's input of those samples made another way: one
+    shuffled batch, per batch (fp16 storage: ~3 significant digits; an untrained teacher's
+    logits differ little between views, ~20 such tolerances here, but they do)."""
+    monkeypatch.setattr(augment_module, "CHUNK_BYTES", 3 * 100 * CIFAR_SAMPLE_BYTES)
+    chunked, teacher, student_input = _build(tmp_path / "device", cache_dir, "device")
+    per_batch, _, _ = _build(tmp_path / "torch", cache_dir, "torch")
+    assert chunked.shape == (2, 512, 10) and chunked.tobytes() == per_batch.tobytes()
+    images = torch.from_numpy(np.load(next(cache_dir.glob("prepared/*/train_images.npy"))))
+    idx = torch.from_numpy(np.random.default_rng(0).permutation(512)[:64])
+    for view in (0, 1):
+        live = teacher_view_logits(teacher, images[idx], idx, view, student_input, None)
+        got = torch.from_numpy(chunked[view, idx.numpy()]).float()
+        tolerance = 1e-3 * live.abs().max().item()  # fp16 keeps 11 significant bits: 2^-11 = 4.9e-4
+        assert (got - live).abs().max().item() <= tolerance
+        other = torch.from_numpy(chunked[1 - view, idx.numpy()]).float()
+        assert (other - live).abs().max().item() > 5 * tolerance  # the check tells views apart

@@ -128,7 +128,9 @@ def test_the_step_reads_nothing_back_to_the_host(make) -> None:
     t = _run(make(), 1)
     (view, batch), *_ = _batches(t)
     with _HostSyncs() as syncs:
-        t._step(*batch)
+        images, labels, idx = batch
+        x = t.student_input(images, idx, view)
+        t._step(x, labels, idx)
     assert syncs.seen == []
     probe = _HostSyncs()
     with probe:
@@ -137,7 +139,7 @@ def test_the_step_reads_nothing_back_to_the_host(make) -> None:
 
 
 def test_the_forward_region_compiles_whole_without_recompiling(make) -> None:
-    """torch.compile(fullgraph=True) of the forward region (input, model, loss), in the real
+    """torch.compile(fullgraph=True) of the forward region (model and loss), in the real
     step, across steps, a view change and LR changes: one graph, no recompilation, and the
     weights of the eager step."""
     torch._dynamo.reset()

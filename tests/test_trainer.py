@@ -11,13 +11,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from kd_ddp.augment import augment
-from kd_ddp.checkpoint import load_checkpoint
+from kd_ddp import augment as augment_module
+from kd_ddp.augment import StudentInput, augment
+from kd_ddp.checkpoint import load_checkpoint, weights_hash
 from kd_ddp.config import Config, load_config
 from kd_ddp.data import PreparedData, TrainLoader, ffcv_available, prepare_data
 from kd_ddp.distributed import DistEnv
 from kd_ddp.fingerprints import stage_fingerprint
 from kd_ddp.metrics_io import read_metrics
+from kd_ddp.models import make_model
 from kd_ddp.precision import precision_name
 from kd_ddp.tracking import StageTracker
 from kd_ddp.train import NonFiniteLoss, Trainer, lr_at
@@ -161,3 +163,47 @@ def test_tensor_loaders_give_the_ffcv_batches_bitwise(tmp_path: Path, cache_dir:
         assert len(a) == len(b) == data.size("train") // ffcv_cfg.optim.batch_size
         for x, y in zip(a, b):
             assert all(torch.equal(s, t) for s, t in zip(x, y))
+
+
+CIFAR_SAMPLE_BYTES = 32 * 32 * 3 * 4  # one 32x32 RGB image's student input (float32)
+
+
+@pytest.mark.fast
+def test_chunked_inputs_are_the_per_batch_inputs_bitwise(tmp_path: Path, cache_dir: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """data.loader=device makes the student's inputs 3 batches at a time (here: 8 steps of 64
+    in chunks of 192, the last of 128; a resumed epoch's chunks start at its first step):
+    every step's input is, bit for bit, StudentInput of the loader's raw batch, the per-batch
+    path (train_step's), with the same labels and indices."""
+    monkeypatch.setattr(augment_module, "CHUNK_BYTES", 3 * 64 * CIFAR_SAMPLE_BYTES)
+    cfg = _config(tmp_path, cache_dir, "seed=5")
+    data = prepare_data(cfg, DistEnv())
+    loader = TrainLoader(cfg, data, DistEnv())
+    si = StudentInput.of(cfg, *data.stats(torch.device("cpu")))
+    assert loader.kind == "device" and len(loader) == 8
+    for epoch, view, start in ((0, 0, 0), (1, 1, 0), (2, 1, 3)):
+        chunked = list(loader.inputs(epoch, view, si, start))
+        per_batch = [(si(images, idx, view), labels, idx) for images, labels, idx in loader.epoch(epoch, start)]
+        assert len(chunked) == len(per_batch) == 8 - start
+        for (x, labels, idx), (y, labels_b, idx_b) in zip(chunked, per_batch):
+            assert x.is_contiguous(memory_format=torch.channels_last)
+            assert torch.equal(x.contiguous().view(torch.int32), y.contiguous().view(torch.int32))
+            assert torch.equal(labels, labels_b) and torch.equal(idx, idx_b)
+
+
+@pytest.mark.fast
+def test_training_on_chunked_inputs_gives_the_per_batch_weights(trainer_factory,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two epochs of the teacher stage with data.loader=device (inputs in chunks of 3 batches)
+    and data.loader=torch (per batch, the same samples: test_tensor_loaders_give_the_ffcv_batches_bitwise):
+    the same weights_hash. Bitwise, because the arithmetic is the same: the same fp32 kernels
+    on the same input values in the same memory format; only where each batch's input lies
+    in memory differs (a slice of its chunk)."""
+    monkeypatch.setattr(augment_module, "CHUNK_BYTES", 3 * 64 * CIFAR_SAMPLE_BYTES)
+    hashes = []
+    for loader in ("device", "torch"):  # one after the other: a Trainer seeds the dropout stream it then uses
+        trainer = trainer_factory(f"data.loader={loader}")
+        assert trainer.loader.kind == loader
+        hashes.append(trainer.fit(StageTracker())["weights_hash"])
+    assert hashes[0] == hashes[1]
+    assert hashes[0] != weights_hash(make_model(trainer.cfg, "teacher", 10, torch.device("cpu")).state_dict())
