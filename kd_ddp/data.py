@@ -38,7 +38,7 @@ import torch
 from kd_ddp.augment import StudentInput, chunk_size, to_device
 from kd_ddp.checkpoint import NoSpaceError, atomic_output, atomic_write_json
 from kd_ddp.config import Config, ConfigError, fingerprint
-from kd_ddp.distributed import DistEnv, available_cores, broadcast_object
+from kd_ddp.distributed import DistEnv, available_cores, main_does
 from kd_ddp.locks import LockWaitTimeout, file_lock
 from kd_ddp.sources import DataError, RawDataset, Split, read_source
 
@@ -335,19 +335,8 @@ def prepare_data(cfg: Config, env: DistEnv) -> PreparedData:
     Rank 0 alone looks at the source (a directory's listing is read once, under the lock)
     and tells the other ranks which preparation to read, or the error that stopped it, so
     that no rank waits for a rank 0 that has given up."""
-    where, kind, message = "", "", ""
-    if env.is_main:
-        try:
-            where = str(_prepare_on_main(cfg))
-        except BaseException as e:
-            if env.distributed:  # the other ranks raise it too, then rank 0 raises the original
-                broadcast_object(("", type(e).__name__, str(e)), env)
-            raise
-    where, kind, message = broadcast_object((where, kind, message), env)  # type: ignore[misc]
-    if kind:
-        known = {e.__name__: e for e in (ConfigError, NoSpaceError, DataError, LockWaitTimeout)}
-        raise known.get(kind, DataError)(message if kind in known else f"rank 0 failed preparing the data: "
-                                                                         f"{kind}: {message}")
+    where = main_does(lambda: str(_prepare_on_main(cfg)), env, (ConfigError, NoSpaceError, DataError, LockWaitTimeout),
+                      lambda what: DataError(f"rank 0 failed preparing the data: {what}"))
     out = Path(where)
     meta = _valid_meta(out)
     if meta is None:
@@ -516,11 +505,12 @@ def write_loader_files(cfg: Config, data: PreparedData, env: DistEnv) -> None:
     (its .beton files), so that the stages after it (Slurm jobs, say) find everything made."""
     if resolve_loader(cfg, data, env.device) == "ffcv":
         for split in ("train", "test"):
-            ensure_beton(data, split, cfg.data.num_workers or env.cpus, _bars(cfg, env))
+            ensure_beton(data, split, cfg.data.num_workers or env.cpus, show_bars(cfg, env))
 
 
-def _bars(cfg: Config, env: DistEnv) -> bool:
-    """FFCV's writer draws a bar: as the training bars, rank 0 only and never into a log file."""
+def show_bars(cfg: Config, env: DistEnv) -> bool:
+    """Whether this rank draws progress bars (training's, FFCV's writer's): rank 0 only, with
+    tracking.progress, and never into a log file (stderr must be a terminal)."""
     return env.is_main and cfg.tracking.progress and sys.stderr.isatty()
 
 
@@ -584,7 +574,7 @@ class TrainLoader:
         if self.kind == "ffcv":
             workers = cfg.data.num_workers or env.cpus
             self.impl: Any = FFCVLoader(data, "train", self.batch_per_rank, env.device,
-                                        self._remaining_order, True, workers, _bars(cfg, env))
+                                        self._remaining_order, True, workers, show_bars(cfg, env))
         else:
             self.impl = TensorLoader(data, "train", self.batch_per_rank, env.device, self.kind == "device")
 
@@ -621,7 +611,7 @@ class EvalLoader:
         if self.kind == "ffcv":
             workers = cfg.data.num_workers or env.cpus
             self.impl: Any = FFCVLoader(data, split, bs, env.device, lambda e: self.indices, False, workers,
-                                        _bars(cfg, env))
+                                        show_bars(cfg, env))
         else:
             self.impl = TensorLoader(data, split, bs, env.device, self.kind == "device")
 

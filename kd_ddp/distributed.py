@@ -10,7 +10,7 @@ import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -247,3 +247,27 @@ def all_gather_object(obj: object, env: DistEnv) -> list[object]:
     out: list[object] = [None] * env.world_size
     dist.all_gather_object(out, obj)
     return out
+
+
+T = TypeVar("T")
+
+
+def main_does(work: Callable[[], T], env: DistEnv, known: tuple[type[Exception], ...],
+              fallback: Callable[[str], Exception]) -> T:
+    """Rank 0 does `work` and every rank gets its result, or raises its error: an error of a
+    `known` type as that type with rank 0's message, any other as `fallback(description)`.
+    No rank is left waiting in a collective for a rank 0 that gave up (the pattern of the data
+    preparation and of the logits cache's lock). Rank 0 itself raises the original error."""
+    result: Any = None
+    if env.is_main:
+        try:
+            result = work()
+        except BaseException as e:
+            if env.distributed:  # the other ranks raise it too, then rank 0 raises the original
+                broadcast_object((None, type(e).__name__, str(e)), env)
+            raise
+    result, kind, message = broadcast_object((result, "", ""), env)  # type: ignore[misc]
+    if kind:
+        by_name = {k.__name__: k for k in known}
+        raise by_name[kind](message) if kind in by_name else fallback(f"{kind}: {message}")
+    return result  # type: ignore[no-any-return]

@@ -43,7 +43,7 @@ from kd_ddp.augment import StudentInput, to_device
 from kd_ddp.checkpoint import NoSpaceError, atomic_write_json, reserve_space
 from kd_ddp.config import Config, describe_differences
 from kd_ddp.data import EvalLoader, PreparedData, eval_indices
-from kd_ddp.distributed import DistEnv, all_gather_object, barrier, broadcast_object
+from kd_ddp.distributed import DistEnv, all_gather_object, barrier, broadcast_object, main_does
 from kd_ddp.locks import LockUnsupported, LockWaitTimeout, file_lock
 from kd_ddp.precision import autocast
 
@@ -102,17 +102,13 @@ def cache_lock(cfg: Config, env: DistEnv, member: int = 1) -> Iterator[None]:
     takes it (waiting its turn, see locks.file_lock); the other ranks touch the files only
     once it holds it, and it lets go only once they are done."""
     with contextlib.ExitStack() as held:
-        failed = ("", "")
-        if env.is_main:
-            try:
-                held.enter_context(file_lock(cache_lock_path(cfg, member)))
-            except (LockWaitTimeout, LockUnsupported) as e:
-                failed = (type(e).__name__, str(e))
+
+        def take() -> None:
+            held.enter_context(file_lock(cache_lock_path(cfg, member)))
+
         # rank 0 tells the others whether it holds the lock: one that gave up waiting must not
         # leave them in a barrier until the process group's timeout
-        kind, message = broadcast_object(failed, env)  # type: ignore[misc]
-        if kind:
-            raise (LockWaitTimeout if kind == "LockWaitTimeout" else LockUnsupported)(message)
+        main_does(take, env, (LockWaitTimeout, LockUnsupported), RuntimeError)
         yield
         barrier(env)
 

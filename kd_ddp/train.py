@@ -35,7 +35,6 @@ import hashlib
 import logging
 import math
 import signal
-import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -50,7 +49,7 @@ from kd_ddp import stages
 from kd_ddp.augment import StudentInput
 from kd_ddp.checkpoint import atomic_write_json, load_checkpoint, save_checkpoint, weights_hash
 from kd_ddp.config import Config, fingerprint
-from kd_ddp.data import EvalLoader, PreparedData, TrainLoader, resolve_loader
+from kd_ddp.data import EvalLoader, PreparedData, TrainLoader, resolve_loader, show_bars
 from kd_ddp.distributed import DistEnv, all_gather_object, all_reduce_sum, all_reduce_tensor, barrier
 from kd_ddp.ensemble import ensemble_facts, ensemble_source, refuse_other_data
 from kd_ddp.evaluation import broadcast_buffers, evaluate
@@ -255,7 +254,7 @@ class Trainer:
                      precision_name(self.dtype), self.loader.kind, self.check_every)
         for record in self.history:  # a resumed run re-logs the epochs it keeps
             tracker.log_epoch(record)
-        show_bar = env.is_main and self.cfg.tracking.progress and sys.stderr.isatty()
+        show_bar = show_bars(self.cfg, env)
         stage_start = time.perf_counter()
         self.stop.install()  # from here a SIGTERM checkpoints and stops at the next flag check
         try:
