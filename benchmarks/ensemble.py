@@ -192,13 +192,14 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--threads", type=int, default=0,
-                   help="torch threads (train.threads; 0: the machine's cores). On a machine shared with other "
-                        "work, 1 keeps OpenMP threads from spin-waiting on each other (see BENCHMARKS.md)")
+                   help="torch threads (train.threads and data.num_workers: FFCV's loader sets torch's thread "
+                        "count to its worker count every epoch; 0: the machine's cores). On a machine shared with "
+                        "other work, 1 keeps OpenMP threads from spin-waiting on each other (see BENCHMARKS.md)")
     args = p.parse_args()
     with tempfile.TemporaryDirectory(prefix="kd-bench-ensemble-") as tmp:
         t0 = time.perf_counter()
         result = run(Path(tmp), args.train_images, args.test_images, args.repeats, args.epochs,
-                     overrides=[f"train.threads={args.threads}"])
+                     overrides=[f"train.threads={args.threads}", f"data.num_workers={args.threads}"])
         result["total_s"] = time.perf_counter() - t0
     print(markdown(result))
     print(f"\n(whole benchmark: {result['total_s']:.0f} s)")
