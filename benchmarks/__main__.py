@@ -22,6 +22,7 @@ import torch
 
 from benchmarks import (
     ddp,
+    ensemble,
     kd_accuracy,
     kd_epoch,
     kernel_count,
@@ -34,8 +35,8 @@ from benchmarks import (
 )
 from kd_ddp.tracking import cpu_name
 
-ALL = ("loader", "train_step", "tensor_step", "compute_limit", "loop_compare", "kd_epoch", "kd_accuracy", "ddp",
-       "memory", "pipeline", "source_scan", "kernel_count")
+ALL = ("loader", "train_step", "tensor_step", "compute_limit", "loop_compare", "kd_epoch", "ensemble", "kd_accuracy",
+       "ddp", "memory", "pipeline", "source_scan", "kernel_count")
 
 
 def machine() -> str:
@@ -103,6 +104,10 @@ def main() -> None:
                     kd_epoch.run("seed", [*data, "kd.views=2"], work / "kd-seed", repeats=args.repeats)]
             results["kd_epoch"] = rows
             md += ["### KD student epoch (50,000 images, batch 256)", "", kd_epoch.markdown(rows), ""]
+        if "ensemble" in args.only:  # synthetic data of its own: the cost of N teachers, not of the data
+            results["ensemble"] = ensemble.run(work / "ensemble", repeats=args.repeats)
+            md += ["### Ensemble distillation: N teachers, cached and live (quick models, synthetic data)", "",
+                   ensemble.markdown(results["ensemble"]), ""]
         if "kd_accuracy" in args.only:
             results["kd_accuracy"] = kd_accuracy.run([f"data.root={args.data_root}", f"data.cache_dir={cache}"],
                                                      work / "kd-accuracy")

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from kd_ddp import stages
+from kd_ddp import ensemble, stages
 from kd_ddp.cli import cache_logits
 from kd_ddp.config import Config, apply_overrides, from_dict, load_config
 from kd_ddp.data import prepare_data
@@ -27,11 +27,15 @@ def _epoch_times(run_dir: Path, stage: str) -> list[float]:
     return [r["epoch_time_s"] for r in read_metrics(run_dir / stage / "metrics.jsonl")[1:]]
 
 
-def _student_run(cfg: Config, env: DistEnv, data: Any, stage: str, teacher_mode: str, work: Path) -> list[float]:
+def _student_run(cfg: Config, env: DistEnv, data: Any, stage: str, teacher_mode: str, work: Path,
+                 overrides: tuple[str, ...] = ()) -> list[float]:
+    """One run of `stage` in a fresh run dir holding copies of the teachers and logits caches
+    it reads (every member's, for an ensemble of `kd.ensemble` after `overrides`)."""
     run_dir = work / f"{stage}-{teacher_mode}-{time.monotonic_ns()}"
-    for sub in (stages.TEACHER.name, stages.CACHE.name):
-        shutil.copytree(cfg.run_dir / sub, run_dir / sub)
-    c = apply_overrides(from_dict(cfg.to_dict()), [f"run.dir={run_dir}", f"kd.teacher={teacher_mode}"])
+    c = apply_overrides(from_dict(cfg.to_dict()), [f"run.dir={run_dir}", f"kd.teacher={teacher_mode}", *overrides])
+    for member in range(1, ensemble.size(c) + 1):
+        for sub in (stages.teacher_member(member).name, stages.cache_name(member)):
+            shutil.copytree(cfg.run_dir / sub, run_dir / sub)
     train_stage(c, env, data, stage)
     times = _epoch_times(run_dir, stage)
     shutil.rmtree(run_dir)
