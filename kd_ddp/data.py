@@ -544,6 +544,7 @@ class FFCVLoader:
         key = ("kd_ddp", id(self))
         ffcv_loader_module.ORDER_MAP[key] = functools.partial(_FixedOrder, order_fn=order_fn)
         to_device = [ToDevice(device, non_blocking=True)] if device.type == "cuda" else []
+        self.threads = torch.get_num_threads()  # the rank's (train.threads), which FFCV resets to its workers'
         self.loader = Loader(
             str(beton), batch_size=batch_size, num_workers=workers,
             order=key, drop_last=drop_last, os_cache=True,
@@ -553,10 +554,18 @@ class FFCVLoader:
                 "index": [IntDecoder(), ToTensor()],
             },
         )
+        torch.set_num_threads(self.threads)
 
     def iterate(self, epoch: int) -> Iterator[Batch]:
+        """The epoch's batches. FFCV sets torch's thread count to its own worker count (in
+        `Loader`'s constructor and `__iter__`, and again in its batch thread); the rank's count
+        (train.threads) is put back once the epoch has started and once its first batch is in."""
         self.loader.next_epoch = epoch
-        for images, labels, idx in self.loader:
+        batches = iter(self.loader)
+        torch.set_num_threads(self.threads)
+        for i, (images, labels, idx) in enumerate(batches):
+            if i == 0:
+                torch.set_num_threads(self.threads)
             yield images, labels.view(-1), idx.view(-1)
 
 

@@ -418,3 +418,20 @@ def test_stages_on_an_edited_folder_are_not_reused(tmp_path: Path) -> None:
                       "use another run.dir, or delete")
     fresh = run_cli([*args, f"run.dir={tmp_path / 'run2'}"]).stderr
     assert "prepared data found" in fresh and "already trained" not in fresh
+
+
+@needs_ffcv
+@pytest.mark.fast
+def test_the_ffcv_loader_keeps_the_ranks_thread_count(tmp_path: Path) -> None:
+    """FFCV sets torch's threads to its worker count as an epoch starts; train.threads (the
+    rank's count, here 2 against 1 FFCV worker) holds through the epoch and after it."""
+    cfg = load_config("smoke", [f"data.cache_dir={tmp_path}", "data.synthetic_train=64", "data.synthetic_test=32",
+                                "data.loader=ffcv", "optim.batch_size=16", "data.num_workers=1"])
+    data = prepare_data(cfg, DistEnv())
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        during = [torch.get_num_threads() for _ in TrainLoader(cfg, data, DistEnv()).epoch(0)]
+        assert during == [2] * 4 and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
