@@ -15,7 +15,7 @@ from kd_ddp import augment as augment_module
 from kd_ddp import teacher_logits
 from kd_ddp.augment import StudentInput
 from kd_ddp.config import load_config
-from kd_ddp.data import prepare_data
+from kd_ddp.data import PreparedData, prepare_data
 from kd_ddp.distributed import DistEnv
 from kd_ddp.metrics_io import read_metrics
 from kd_ddp.models import make_model
@@ -184,16 +184,19 @@ def test_live_teacher_kd_sees_a_fresh_view_each_epoch(cache_copy: Path, cache_di
 CIFAR_SAMPLE_BYTES = 32 * 32 * 3 * 4  # one 32x32 RGB image's student input (float32)
 
 
-def _build(run_dir: Path, cache_dir: Path, loader: str) -> tuple[np.ndarray, torch.nn.Module, StudentInput]:
+def _build(run_dir: Path, cache_dir: Path, loader: str
+           ) -> tuple[np.ndarray, torch.nn.Module, StudentInput, PreparedData]:
     """A cache built in process from an untrained smoke teacher (its weights do not matter
-    here), its eval batches of 100 ending in one of 12 (512 samples): rows, teacher, input."""
+    here), its eval batches of 100 ending in one of 12 (512 samples): rows, teacher, input,
+    and the prepared data it was built from."""
     cfg = load_config("smoke", [f"run.dir={run_dir}", f"data.cache_dir={cache_dir}", f"data.loader={loader}",
                                 "train.eval_batch_size=100", "tracking.wandb.mode=disabled"])
     env = DistEnv()
     data = prepare_data(cfg, env)
     teacher = make_model(cfg, "teacher", data.num_classes, env.device)
     build_cache(cfg, env, data, teacher, TeacherRecord("untrained", {}, "off"), None)
-    return np.load(teacher_logits.cache_dir(cfg) / "logits.npy"), teacher, StudentInput.of(cfg, *data.stats(env.device))
+    rows = np.load(teacher_logits.cache_dir(cfg) / "logits.npy")
+    return rows, teacher, StudentInput.of(cfg, *data.stats(env.device)), data
 
 
 @pytest.mark.fast
@@ -205,10 +208,11 @@ def test_cache_built_from_chunks_is_the_per_batch_cache_bitwise(tmp_path: Path, 
     shuffled batch, per batch (fp16 storage: ~3 significant digits; an untrained teacher's
     logits differ little between views, ~20 such tolerances here, but they do)."""
     monkeypatch.setattr(augment_module, "CHUNK_BYTES", 3 * 100 * CIFAR_SAMPLE_BYTES)
-    chunked, teacher, student_input = _build(tmp_path / "device", cache_dir, "device")
-    per_batch, _, _ = _build(tmp_path / "torch", cache_dir, "torch")
+    chunked, teacher, student_input, data = _build(tmp_path / "device", cache_dir, "device")
+    per_batch, *_ = _build(tmp_path / "torch", cache_dir, "torch")
     assert chunked.shape == (2, 512, 10) and chunked.tobytes() == per_batch.tobytes()
-    images = torch.from_numpy(np.load(next(cache_dir.glob("prepared/*/train_images.npy"))))
+    # this build's own arrays: the session's data cache holds other tests' preparations too
+    images = torch.from_numpy(np.load(data.file("train_images.npy")))
     idx = torch.from_numpy(np.random.default_rng(0).permutation(512)[:64])
     for view in (0, 1):
         live = teacher_view_logits(teacher, images[idx], idx, view, student_input, None)
