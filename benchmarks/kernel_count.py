@@ -166,7 +166,6 @@ def role_steps(batch: int, overrides: list[str] | None = None, device: torch.dev
     data and run dirs under `work`, a new temp dir by default)."""
     from benchmarks import train_step
     from kd_ddp import stages
-    from kd_ddp.models import make_model
 
     device = device or (torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
     work = work or Path(tempfile.mkdtemp(prefix="kd-kernel-count-"))
@@ -175,19 +174,9 @@ def role_steps(batch: int, overrides: list[str] | None = None, device: torch.dev
     def setup() -> tuple:
         return train_step.synthetic(work / "cache", work / "run", batch, over, device)
 
-    def kd(live: bool) -> Callable[[], None]:  # as benchmarks/profile_step.py's kd_step, on `device`
+    def kd(live: bool) -> Callable[[], None]:
         cfg, env, data = setup()
-        if live:
-            teacher = make_model(cfg, stages.TEACHER_ROLE, data.num_classes, env.device).eval()
-
-            @torch.no_grad()
-            def logits(x: torch.Tensor, idx: torch.Tensor, view: int) -> torch.Tensor:
-                return teacher(x).float()
-        else:
-            table = torch.randn(data.size("train"), data.num_classes, device=env.device)
-
-            def logits(x: torch.Tensor, idx: torch.Tensor, view: int) -> torch.Tensor:
-                return table[idx]
+        logits = train_step.kd_teacher_logits(cfg, env, data, live)
         return train_step.step_fn(cfg, env, data, stages.STUDENT_KD.name, logits)
 
     build = {"teacher": lambda: train_step.step_fn(*setup(), stages.TEACHER.name),

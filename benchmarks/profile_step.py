@@ -20,7 +20,6 @@ from torch.profiler import ProfilerActivity, profile
 
 from benchmarks import train_step
 from kd_ddp import stages
-from kd_ddp.models import make_model
 
 
 def _profile(step: Callable[[], None], steps: int, title: str, rows: int) -> float:
@@ -54,17 +53,7 @@ def kd_step(model_name: str, width: int, live: bool, batch: int) -> Callable[[],
     """The KD student's train_step with the teacher's logits from a table (as the cache gives
     them) or from a live forward of an (untrained: its cost is the same) teacher."""
     cfg, env, data = _setup(model_name, width, batch, "off")
-    if live:
-        teacher = make_model(cfg, stages.TEACHER_ROLE, data.num_classes, env.device).eval()
-
-        @torch.no_grad()
-        def logits(x: torch.Tensor, idx: torch.Tensor, view: int) -> torch.Tensor:
-            return teacher(x).float()
-    else:
-        table = torch.randn(data.size("train"), data.num_classes)
-
-        def logits(x: torch.Tensor, idx: torch.Tensor, view: int) -> torch.Tensor:
-            return table[idx]
+    logits = train_step.kd_teacher_logits(cfg, env, data, live)
     return train_step.step_fn(cfg, env, data, stages.STUDENT_KD.name, logits)
 
 

@@ -31,6 +31,7 @@ from kd_ddp.config import Config, load_config
 from kd_ddp.data import PreparedData, prepare_data
 from kd_ddp.distributed import DistEnv, pick_device
 from kd_ddp.metrics_io import read_metrics
+from kd_ddp.models import make_model
 from kd_ddp.objectives import TeacherLogits, teacher_logits_source
 from kd_ddp.precision import autocast
 from kd_ddp.train import Trainer, train_stage
@@ -215,3 +216,19 @@ def markdown(rows: list[dict[str, Any]], limit: list[dict[str, Any]] | None) -> 
         out += [f"| {r['stage']} | {r['batch']} | {r['loader']} | {r['epoch_s']:.2f} | {r['limit_s']:.2f} | "
                 f"{r['images_per_s']:.0f} | {1 + r['overhead']:.3f} |" for r in limit]
     return "\n".join(out)
+
+
+def kd_teacher_logits(cfg: Config, env: DistEnv, data: PreparedData, live: bool) -> TeacherLogits:
+    """A KD student's teacher logits for the step benchmarks: from a random table on the device
+    (as the cache gives them: one gather) or from a live forward of an untrained teacher (its
+    cost is a trained one's)."""
+    if live:
+        teacher = make_model(cfg, stages.TEACHER_ROLE, data.num_classes, env.device).eval()
+
+        @torch.no_grad()
+        def forward(x: torch.Tensor, idx: torch.Tensor, view: int) -> torch.Tensor:
+            return teacher(x).float()
+
+        return forward
+    table = torch.randn(data.size("train"), data.num_classes, device=env.device)
+    return lambda x, idx, view: table[idx]
