@@ -1,10 +1,12 @@
 """`python -m benchmarks [--only NAME ...]`: side-by-side speed measurements (`make bench`).
 
-Prints a Markdown table per benchmark and writes benchmarks/results.json and
-benchmarks/results.md (the source of BENCHMARKS.md). Every figure is a ratio of runs made
-in this one invocation, interleaved where possible, after warm-up. Run it on a quiet
-machine: with other processes on the cores, OpenMP threads spin-wait on each other and
-small tensor ops get 10x slower, which distorts every ratio.
+Prints a Markdown table per benchmark. A full run writes benchmarks/results.json and
+benchmarks/results.md (the source of BENCHMARKS.md); a run of some benchmarks (`--only`)
+writes the same two files under benchmarks/partial/ (gitignored) unless `--out` says where,
+so it never replaces the full run's record with a part of it. Every figure is a ratio of
+runs made in this one invocation, interleaved where possible, after warm-up. Run it on a
+quiet machine: with other processes on the cores, OpenMP threads spin-wait on each other
+and small tensor ops get 10x slower, which distorts every ratio.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import platform
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -35,8 +39,143 @@ from benchmarks import (
 )
 from kd_ddp.tracking import cpu_name
 
-ALL = ("loader", "train_step", "tensor_step", "compute_limit", "loop_compare", "kd_epoch", "ensemble", "kd_accuracy",
-       "ddp", "memory", "pipeline", "source_scan", "kernel_count")
+HERE = Path(__file__).parent
+
+
+@dataclass
+class Run:
+    """One invocation: its arguments, its scratch dir, its data cache and what it has found."""
+
+    args: argparse.Namespace
+    work: Path
+    cache: Path
+    results: dict = field(default_factory=dict)
+    md: list[str] = field(default_factory=list)
+
+    @property
+    def data(self) -> list[str]:
+        return [f"data.root={self.args.data_root}", f"data.cache_dir={self.cache}"]
+
+    def section(self, title: str, table: str) -> None:
+        self.md += [f"### {title}", "", table, ""]
+
+
+def teachers() -> list[list[str]]:
+    """The quick and seed presets' teachers; on a GPU also the wider w64 (too slow for a CPU run)."""
+    rows = [["model.teacher=teacher_cnn_lite", "model.teacher_width=32"],
+            ["model.teacher=teacher_cnn", "model.teacher_width=32"]]
+    if torch.cuda.is_available():
+        rows.append(["model.teacher=teacher_cnn", "model.teacher_width=64"])
+    return rows
+
+
+def bench_loader(r: Run) -> None:
+    r.results["loader"] = loader.run(r.args.data_root, r.cache, repeats=r.args.repeats + 1)
+    r.section("Data loading (training augmentation, batch 256)", loader.markdown(r.results["loader"]))
+
+
+def bench_train_step(r: Run) -> None:
+    r.results["train_step"] = train_step.run_steps(teachers(), r.cache, r.work / "steps", steps=5,
+                                                   batch=r.args.batch, repeats=r.args.repeats)
+
+
+def bench_tensor_step(r: Run) -> None:
+    res = r.results["tensor_step"] = train_step.run_tensor_step(r.cache, r.work / "tensor-step", batch=r.args.batch,
+                                                                repeats=r.args.repeats + 1)
+    r.section(f"Training step forms: Python-number LR vs tensor-only (vs CUDA graph on a GPU), batch "
+              f"{r.args.batch}, {res['amp']}", train_step.tensor_step_markdown(res))
+
+
+def bench_compute_limit(r: Run) -> None:
+    preset = r.args.limit_preset or ("seed-gpu" if torch.cuda.is_available() else "quick")
+    r.results["compute_limit"] = train_step.run_compute_limit(r.args.data_root, r.cache, r.work / "limit",
+                                                              preset=preset)
+
+
+def step_table(r: Run) -> None:
+    """train_step and compute_limit share one table, written once after both have run."""
+    steps, limit = r.results.get("train_step"), r.results.get("compute_limit")
+    if steps or limit:
+        r.section(f"Training step (batch {r.args.batch}) and each stage's distance to its compute limit",
+                  train_step.markdown(steps or [], limit))
+
+
+def bench_loop_compare(r: Run) -> None:
+    if not r.args.baseline:
+        print("loop_compare: skipped (no --baseline revision)", file=sys.stderr)
+        return
+    r.results["loop_compare"] = loop_compare.run(r.args.baseline, r.args.data_root, r.work / "loop",
+                                                 repeats=r.args.repeats)
+    r.section(f"Training loop vs revision {r.args.baseline}, side by side",
+              loop_compare.markdown(r.results["loop_compare"]))
+
+
+def bench_kd_epoch(r: Run) -> None:
+    # The quick preset's teacher and the seed preset's (4x its FLOPs); the seed row caches
+    # 2 views to save build time (the epoch costs do not depend on the count).
+    rows = [kd_epoch.run("quick", r.data, r.work / "kd-quick", repeats=r.args.repeats),
+            kd_epoch.run("seed", [*r.data, "kd.views=2"], r.work / "kd-seed", repeats=r.args.repeats)]
+    r.results["kd_epoch"] = rows
+    r.section("KD student epoch (50,000 images, batch 256)", kd_epoch.markdown(rows))
+
+
+def bench_ensemble(r: Run) -> None:
+    # Synthetic data of its own: the cost of N teachers, not of the data.
+    r.results["ensemble"] = ensemble.run(r.work / "ensemble", repeats=r.args.repeats)
+    r.section("Ensemble distillation: N teachers, cached and live (quick models, synthetic data)",
+              ensemble.markdown(r.results["ensemble"]))
+
+
+def bench_kd_accuracy(r: Run) -> None:
+    r.results["kd_accuracy"] = kd_accuracy.run(r.data, r.work / "kd-accuracy")
+    r.section("KD accuracy: cached logits vs live teacher (quick preset, 3 seeds)",
+              kd_accuracy.markdown(r.results["kd_accuracy"]))
+
+
+def bench_memory(r: Run) -> None:
+    # A fresh process: the peak is per process.
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.memory", "--json"], check=True,
+                          capture_output=True, text=True)
+    r.results["memory"] = json.loads(proc.stdout.strip().splitlines()[-1])
+    r.section("Memory of one process, step by step (synthetic data, smoke teacher)",
+              memory.markdown(r.results["memory"]))
+
+
+def bench_pipeline(r: Run) -> None:
+    r.results["pipeline"] = pipeline.run(r.args.data_root, r.work / "pipeline")
+    r.section("Whole pipeline vs a plain PyTorch script (quick preset, 1 process)",
+              pipeline.markdown(r.results["pipeline"]))
+
+
+def bench_source_scan(r: Run) -> None:
+    r.results["source_scan"] = source_scan.run(r.args.data_root)
+    r.section("Data identity: reading a directory source's listing (CIFAR-10 as an ImageFolder)",
+              source_scan.markdown(r.results["source_scan"]))
+
+
+def bench_kernel_count(r: Run) -> None:
+    trees = {"this tree": kernel_count.HERE}
+    if r.args.baseline:
+        trees = {r.args.baseline: loop_compare.extract(r.args.baseline, r.work / "kernel-count-base"), **trees}
+    r.results["kernel_count"] = kernel_count.run(trees)
+    r.section("aten ops per training step of each role" + (f", vs revision {r.args.baseline}" if r.args.baseline
+                                                           else ""), kernel_count.markdown(r.results["kernel_count"]))
+
+
+def bench_ddp(r: Run) -> None:
+    r.results["ddp"] = ddp.run(r.work / "ddp", r.cache)
+    r.section("DDP and memory", ddp.markdown(r.results["ddp"]))
+
+
+# Every benchmark, in the order a full run makes them (and BENCHMARKS.md lists them).
+BENCHMARKS: dict[str, Callable[[Run], None]] = {
+    "loader": bench_loader, "train_step": bench_train_step, "tensor_step": bench_tensor_step,
+    "compute_limit": bench_compute_limit, "loop_compare": bench_loop_compare, "kd_epoch": bench_kd_epoch,
+    "ensemble": bench_ensemble, "kd_accuracy": bench_kd_accuracy, "memory": bench_memory,
+    "pipeline": bench_pipeline, "source_scan": bench_source_scan, "kernel_count": bench_kernel_count,
+    "ddp": bench_ddp,
+}
+ALL = tuple(BENCHMARKS)
 
 
 def machine() -> str:
@@ -45,7 +184,7 @@ def machine() -> str:
             f"Python {platform.python_version()}")
 
 
-def main() -> None:
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks")
     p.add_argument("--only", nargs="*", default=list(ALL), choices=ALL)
     p.add_argument("--data-root", default="../shared/data/cifar10-jpeg.tar.gz")
@@ -57,91 +196,37 @@ def main() -> None:
                         "counts) is timed (counted) against")
     p.add_argument("--limit-preset", default="",
                    help="compute_limit: the preset whose stages are timed (default: seed-gpu on a GPU, quick on a CPU)")
-    p.add_argument("--out", default=str(Path(__file__).parent), help="where results.md/json go")
-    args = p.parse_args()
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    results: dict = {"machine": machine(), "date": datetime.date.today().isoformat()}
-    md = [f"Machine: {results['machine']}. Date: {results['date']}.", ""]
-    # The quick and seed presets' teachers; on a GPU also the wider w64 (too slow for a CPU run).
-    teachers = [["model.teacher=teacher_cnn_lite", "model.teacher_width=32"],
-                ["model.teacher=teacher_cnn", "model.teacher_width=32"]]
-    if torch.cuda.is_available():
-        teachers.append(["model.teacher=teacher_cnn", "model.teacher_width=64"])
+    p.add_argument("--out", default="",
+                   help="where results.md/json go (default: benchmarks/ for a full run, benchmarks/partial/ "
+                        "for a part of one)")
+    return p.parse_args(argv)
+
+
+def out_dir(args: argparse.Namespace) -> Path:
+    if args.out:
+        return Path(args.out)
+    return HERE if set(args.only) == set(ALL) else HERE / "partial"
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse(argv)
+    out = out_dir(args)
+    out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="kd-bench-") as tmp:
         work = Path(tmp)
-        cache = Path(args.cache_dir) if args.cache_dir else work / "cache"
-        if "loader" in args.only:
-            results["loader"] = loader.run(args.data_root, cache, repeats=args.repeats + 1)
-            md += ["### Data loading (training augmentation, batch 256)", "", loader.markdown(results["loader"]), ""]
-        steps = limit = None
-        if "train_step" in args.only:
-            steps = results["train_step"] = train_step.run_steps(teachers, cache, work / "steps", steps=5,
-                                                                 batch=args.batch, repeats=args.repeats)
-        if "tensor_step" in args.only:
-            results["tensor_step"] = train_step.run_tensor_step(cache, work / "tensor-step", batch=args.batch,
-                                                                repeats=args.repeats + 1)
-            md += [f"### Training step forms: Python-number LR vs tensor-only (vs CUDA graph on a GPU), batch "
-                   f"{args.batch}, {results['tensor_step']['amp']}", "",
-                   train_step.tensor_step_markdown(results["tensor_step"]), ""]
-        if "compute_limit" in args.only:
-            preset = args.limit_preset or ("seed-gpu" if torch.cuda.is_available() else "quick")
-            limit = results["compute_limit"] = train_step.run_compute_limit(args.data_root, cache, work / "limit",
-                                                                            preset=preset)
-        if steps or limit:
-            md += [f"### Training step (batch {args.batch}) and each stage's distance to its compute limit", "",
-                   train_step.markdown(steps or [], limit), ""]
-        if "loop_compare" in args.only and args.baseline:
-            results["loop_compare"] = loop_compare.run(args.baseline, args.data_root, work / "loop",
-                                                       repeats=args.repeats)
-            md += [f"### Training loop vs revision {args.baseline}, side by side", "",
-                   loop_compare.markdown(results["loop_compare"]), ""]
-        if "kd_epoch" in args.only:
-            data = [f"data.root={args.data_root}", f"data.cache_dir={cache}"]
-            # The quick preset's teacher and the seed preset's (4x its FLOPs); the seed row
-            # caches 2 views to save build time (the epoch costs do not depend on the count).
-            rows = [kd_epoch.run("quick", data, work / "kd-quick", repeats=args.repeats),
-                    kd_epoch.run("seed", [*data, "kd.views=2"], work / "kd-seed", repeats=args.repeats)]
-            results["kd_epoch"] = rows
-            md += ["### KD student epoch (50,000 images, batch 256)", "", kd_epoch.markdown(rows), ""]
-        if "ensemble" in args.only:  # synthetic data of its own: the cost of N teachers, not of the data
-            results["ensemble"] = ensemble.run(work / "ensemble", repeats=args.repeats)
-            md += ["### Ensemble distillation: N teachers, cached and live (quick models, synthetic data)", "",
-                   ensemble.markdown(results["ensemble"]), ""]
-        if "kd_accuracy" in args.only:
-            results["kd_accuracy"] = kd_accuracy.run([f"data.root={args.data_root}", f"data.cache_dir={cache}"],
-                                                     work / "kd-accuracy")
-            md += ["### KD accuracy: cached logits vs live teacher (quick preset, 3 seeds)", "",
-                   kd_accuracy.markdown(results["kd_accuracy"]), ""]
-        if "memory" in args.only:  # a fresh process: the peak is per process
-            proc = subprocess.run([sys.executable, "-m", "benchmarks.memory", "--json"], check=True,
-                                  capture_output=True, text=True)
-            results["memory"] = json.loads(proc.stdout.strip().splitlines()[-1])
-            md += ["### Memory of one process, step by step (synthetic data, smoke teacher)", "",
-                   memory.markdown(results["memory"]), ""]
-        if "pipeline" in args.only:
-            results["pipeline"] = pipeline.run(args.data_root, work / "pipeline")
-            md += ["### Whole pipeline vs a plain PyTorch script (quick preset, 1 process)", "",
-                   pipeline.markdown(results["pipeline"]), ""]
-        if "source_scan" in args.only:
-            results["source_scan"] = source_scan.run(args.data_root)
-            md += ["### Data identity: reading a directory source's listing (CIFAR-10 as an ImageFolder)", "",
-                   source_scan.markdown(results["source_scan"]), ""]
-        if "kernel_count" in args.only:
-            trees = {"this tree": kernel_count.HERE}
-            if args.baseline:
-                trees = {args.baseline: loop_compare.extract(args.baseline, work / "kernel-count-base"), **trees}
-            results["kernel_count"] = kernel_count.run(trees)
-            md += ["### aten ops per training step of each role" + (f", vs revision {args.baseline}" if args.baseline
-                                                                    else ""), "",
-                   kernel_count.markdown(results["kernel_count"]), ""]
-        if "ddp" in args.only:
-            results["ddp"] = ddp.run(work / "ddp", cache)
-            md += ["### DDP and memory", "", ddp.markdown(results["ddp"]), ""]
-    text = "\n".join(md)
+        r = Run(args, work, Path(args.cache_dir) if args.cache_dir else work / "cache")
+        r.results = {"machine": machine(), "date": datetime.date.today().isoformat()}
+        r.md = [f"Machine: {r.results['machine']}. Date: {r.results['date']}.", ""]
+        for name, bench in BENCHMARKS.items():
+            if name in args.only:
+                bench(r)
+            if name == "compute_limit":
+                step_table(r)
+    text = "\n".join(r.md)
     print(text)
-    (out_dir / "results.md").write_text(text + "\n")
-    (out_dir / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    (out / "results.md").write_text(text + "\n")
+    (out / "results.json").write_text(json.dumps(r.results, indent=1) + "\n")
+    print(f"written: {out / 'results.md'}, {out / 'results.json'}", file=sys.stderr)
 
 
 if __name__ == "__main__":
