@@ -39,6 +39,7 @@ from kd_ddp.cli import cache_member
 from kd_ddp.config import Config, load_config
 from kd_ddp.data import prepare_data
 from kd_ddp.distributed import DistEnv, setup
+from kd_ddp.precision import amp_dtype, precision_name
 from kd_ddp.teacher_logits import cache_dir
 from kd_ddp.train import train_stage
 
@@ -152,7 +153,8 @@ def run(work: Path, train_images: int = 6144, test_images: int = 1024, repeats: 
             "ensemble_eval_s": setup_median("cached", "ensemble_eval_s"),
         })
     return {
-        "preset": "quick", "teacher": cfg.model.teacher, "teacher_width": cfg.model.teacher_width,
+        "preset": "quick", "device": str(env.device), "amp": precision_name(amp_dtype(cfg, env.device)),
+        "teacher": cfg.model.teacher, "teacher_width": cfg.model.teacher_width,
         "student": cfg.model.student, "student_width": cfg.model.student_width,
         "train_images": data.size("train"), "test_images": data.size("test"), "batch": cfg.optim.batch_size,
         "views": cfg.kd.views, "cache_dtype": cfg.kd.cache_dtype, "epochs": epochs, "repeats": repeats,
@@ -204,6 +206,7 @@ def main() -> None:
     print(markdown(result))
     print(f"\n(whole benchmark: {result['total_s']:.0f} s)")
     if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
 
 

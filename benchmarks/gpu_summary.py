@@ -58,8 +58,10 @@ TARGETS: dict[str, list[tuple[str, str, Callable[[float], bool]]]] = {
     "limit": [("worst_real_over_in_memory", "<= 1.15", lambda v: v <= 1.15),
               ("teacher_images_per_s", ">= 120000", lambda v: v >= 120000)],
     "strong": [("teacher_acc", ">= 0.94", lambda v: v >= 0.94), ("kd_gain", "> 0", lambda v: v > 0)],
+    # issue 24: a cached-ensemble KD epoch costs <= 1.15x a normal student epoch, whatever N
+    "ensemble": [(f"cached_{n}_over_normal", "<= 1.15", lambda v: v <= 1.15) for n in (3, 5)],
 }
-TARGET_PRESET = {"cold": "seed-gpu", "warm": "seed-gpu", "limit": "seed-gpu", "strong": "strong"}
+TARGET_PRESET = {"cold": "seed-gpu", "warm": "seed-gpu", "limit": "seed-gpu", "strong": "strong", "ensemble": "quick"}
 
 
 # -- the steps' events and figures ------------------------------------------------------
@@ -143,6 +145,22 @@ def preflight_figures(work: Path) -> dict[str, Any]:
             "checks": pre.get("checks"), "seconds": pre.get("seconds")}
 
 
+def ensemble_figures(results: dict[str, Any]) -> dict[str, Any]:
+    """benchmarks/ensemble.py's figures per ensemble size N: the cached and live KD epoch over
+    a normal epoch, the cache's build time (s) and size (MB)."""
+    if not results:
+        return {}
+    out: dict[str, Any] = {k: results.get(k) for k in ("preset", "device", "amp", "train_images")}
+    out["epoch_normal_s"] = round(results["epoch_normal_s"], 4)
+    for row in results["rows"]:
+        n = row["n"]
+        out |= {f"cached_{n}_over_normal": round(row["cached_over_normal"], 3),
+                f"live_{n}_over_normal": round(row["live_over_normal"], 3),
+                f"cache_build_{n}_s": round(row["cache_build_s"], 2),
+                f"cache_{n}_mb": round(row["cache_bytes"] / 1e6, 2)}
+    return out
+
+
 def figures(work: Path, name: str) -> dict[str, Any]:
     """A step's key figures, read from what it left in WORK (nothing yet: {})."""
     kind = name.split("-")[0]
@@ -155,6 +173,8 @@ def figures(work: Path, name: str) -> dict[str, Any]:
     if kind == "graph":  # img/s per step form (benchmarks/train_step.py run_tensor_step)
         results = _json(work / name / "results.json") or {}
         return {k: round(v) for k, v in results.get("tensor_step", {}).get("images_per_s", {}).items()}
+    if kind == "ensemble":
+        return ensemble_figures(_json(work / name / "results.json") or {})
     if kind == "smoke" and (work / "logs" / "smoke.log").is_file():
         return smoke_figures((work / "logs" / "smoke.log").read_text())
     if kind == "env":

@@ -16,6 +16,10 @@
 #   step      the teacher's train_step at batch 256, 1024 and 4096: fp32 / channels_last / bf16 / fp16
 #   graph     the teacher's step at batch 256 and 1024, bf16: the Python-number-LR step as it was,
 #             the tensor-only step eager, and the same captured as a CUDA graph (train.cuda_graph)
+#   ensemble  OPTIONAL, not in the default STEPS: benchmarks/ensemble.py on the GPU (quick models,
+#             50,000 synthetic images): the cached and live ensemble-KD epoch against a normal one
+#             for N = 1, 3, 5 (target: cached <= 1.15x normal), and the caches' build times.
+#             STEPS="preflight ensemble" BUDGET_S=150, timeout_s=170
 #   multi     with more than one GPU: the warm pipeline on all of them (scaling, same accuracies)
 #   strong    OPTIONAL, not in the default STEPS, in a call of its own: the `strong` preset's whole
 #             pipeline (ResNet-18 teacher with the CIFAR stem -> cache -> student_cnn normal and
@@ -146,6 +150,8 @@ for s in $STEPS; do
                --out "$WORK/graph-$b"
            done ;;
     strong) PRESET=strong pipeline strong 270 1 --tag strong ;;
+    ensemble) step ensemble 120 "$PY" -m benchmarks.ensemble --train-images 50000 --test-images 10000 \
+                --json "$WORK/ensemble/results.json" ;;
     multi) ngpu=$(timeout 30 "$PY" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)
            if [ "$ngpu" -gt 1 ]; then pipeline "multi-$ngpu" 120 "$ngpu"
            else event multi skipped "" "" "$ngpu GPU"; echo "multi skipped: $ngpu GPU"; fi ;;

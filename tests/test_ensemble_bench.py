@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
 import pytest
 
 from benchmarks import ensemble as bench
+from benchmarks import gpu_summary
 
 TINY = ["model.teacher_width=4", "model.teacher_hidden=8", "model.student_width=2", "model.student_hidden=8",
         "optim.batch_size=32", "train.eval_batch_size=64", "kd.views=1", "data.loader=torch", "train.threads=1"]
@@ -36,3 +38,16 @@ def test_ensemble_benchmark_core(tmp_path: Path) -> None:
     assert r["epoch_normal_s"] > 0 and all(t > 0 for t in r["teacher_train_s"])
     text = bench.markdown(r)
     assert sum(line.startswith("| ") for line in text.splitlines()) == 1 + 2  # the header, a row per N
+
+    # the GPU check's `ensemble` step: its summary reads the same record back, target by N
+    (tmp_path / "check" / "ensemble").mkdir(parents=True)
+    (tmp_path / "check" / "ensemble" / "results.json").write_text(json.dumps(r))
+    figs = gpu_summary.figures(tmp_path / "check", "ensemble")
+    assert figs["device"] == "cpu" and figs["amp"] == r["amp"] in ("off", "bfloat16") and figs["preset"] == "quick"
+    for n in (1, 3):
+        assert figs[f"cached_{n}_over_normal"] == round(rows[n]["cached_over_normal"], 3)
+        assert figs[f"live_{n}_over_normal"] == round(rows[n]["live_over_normal"], 3)
+    targets = gpu_summary.targets("ensemble", figs)
+    assert [t["figure"] for t in targets] == ["cached_3_over_normal", "cached_5_over_normal"]
+    assert targets[0]["met"] == (rows[3]["cached_over_normal"] <= 1.15)
+    assert targets[1]["value"] is None and targets[1]["met"] is None  # N = 5 not run here
