@@ -66,15 +66,20 @@ def sample_hash(seed: int, view: int, indices: torch.Tensor) -> torch.Tensor:
     return _splitmix64((indices.to(torch.int64) * _signed(_GOLDEN)) ^ _signed(key))
 
 
-def crop_flip_params(seed: int, view: int, indices: torch.Tensor, padding: int,
-                     flip: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-sample (dy, dx, flipped), on the indices' device: crop offsets in [0, 2*padding], a flip bit."""
-    h = sample_hash(seed, view, indices)
+def _params_of_hash(h: torch.Tensor, padding: int, flip: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dy, dx, flipped) from each sample's 64-bit word: the word mod the span is the row offset,
+    the word shifted right by 20 mod the span the column offset, bit 40 the flip."""
     span = 2 * padding + 1
     dy = _urem(h, span)
     dx = _shr(h, 20) % span
     flipped = (_shr(h, 40) & 1).bool() if flip else torch.zeros_like(h, dtype=torch.bool)
     return dy, dx, flipped
+
+
+def crop_flip_params(seed: int, view: int, indices: torch.Tensor, padding: int,
+                     flip: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-sample (dy, dx, flipped), on the indices' device: crop offsets in [0, 2*padding], a flip bit."""
+    return _params_of_hash(sample_hash(seed, view, indices), padding, flip)
 
 
 def crop_flip_params_t(seed: torch.Tensor, view: torch.Tensor, indices: torch.Tensor, padding: int,
@@ -84,12 +89,7 @@ def crop_flip_params_t(seed: torch.Tensor, view: torch.Tensor, indices: torch.Te
     masked Python arithmetic does), so nothing about the view is a Python number (a CUDA
     graph or a compiled region replays it for any view)."""
     key = _splitmix64(seed.to(torch.int64) * _signed(_GOLDEN) + view.to(torch.int64))
-    h = _splitmix64((indices.to(torch.int64) * _signed(_GOLDEN)) ^ key)
-    span = 2 * padding + 1
-    dy = _urem(h, span)
-    dx = _shr(h, 20) % span
-    flipped = (_shr(h, 40) & 1).bool() if flip else torch.zeros_like(h, dtype=torch.bool)
-    return dy, dx, flipped
+    return _params_of_hash(_splitmix64((indices.to(torch.int64) * _signed(_GOLDEN)) ^ key), padding, flip)
 
 
 def crop_flip(images: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, flipped: torch.Tensor,
