@@ -49,8 +49,12 @@ class Run:
     args: argparse.Namespace
     work: Path
     cache: Path
-    results: dict = field(default_factory=dict)
-    md: list[str] = field(default_factory=list)
+    results: dict = field(init=False)
+    md: list[str] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.results = {"machine": machine(), "date": datetime.date.today().isoformat()}
+        self.md = [f"Machine: {self.results['machine']}. Date: {self.results['date']}.", ""]
 
     @property
     def data(self) -> list[str]:
@@ -215,8 +219,6 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="kd-bench-") as tmp:
         work = Path(tmp)
         r = Run(args, work, Path(args.cache_dir) if args.cache_dir else work / "cache")
-        r.results = {"machine": machine(), "date": datetime.date.today().isoformat()}
-        r.md = [f"Machine: {r.results['machine']}. Date: {r.results['date']}.", ""]
         for name, bench in BENCHMARKS.items():
             if name in args.only:
                 bench(r)

@@ -31,9 +31,13 @@ def test_every_benchmark_has_a_runner_and_an_unknown_name_is_refused(capsys: pyt
     assert exc.value.code == 2 and "invalid choice" in capsys.readouterr().err
 
 
+def full_record() -> list[bytes | None]:
+    """The full run's benchmarks/results.{md,json} as bytes (None: absent)."""
+    return [(HERE / name).read_bytes() if (HERE / name).exists() else None for name in ("results.md", "results.json")]
+
+
 def test_one_benchmark_writes_its_section_and_leaves_the_record_alone(tmp_path: Path) -> None:
-    record = [(HERE / name).read_bytes() if (HERE / name).exists() else None
-              for name in ("results.md", "results.json")]
+    record = full_record()
     proc = subprocess.run([sys.executable, "-m", "benchmarks", "--only", "memory", "--out", str(tmp_path)],
                           cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -43,5 +47,4 @@ def test_one_benchmark_writes_its_section_and_leaves_the_record_alone(tmp_path: 
     assert steps[0] == "python" and all(row["peak_mb"] >= row["rss_mb"] > 0 for row in results["memory"])
     md = (tmp_path / "results.md").read_text()
     assert md.count("### ") == 1 and "### Memory of one process" in md
-    assert record == [(HERE / name).read_bytes() if (HERE / name).exists() else None
-                      for name in ("results.md", "results.json")]
+    assert full_record() == record
