@@ -534,8 +534,10 @@ def test_wait_ends_on_a_cancelled_preemption_and_follows_a_requeued_one(slurm_en
         for run in runs.values():
             metrics = run / "teacher" / "metrics.jsonl"
             wait_until(f"an epoch in {run.name}", lambda m=metrics: m.is_file() and m.read_text().strip(), 300)
+        # The preemptor holds the node for 10 s: the requeued teacher pends that long, so a
+        # 1 s poll sees it out of RUNNING even when a poll takes seconds on a loaded machine.
         preemptor = slurm(slurm_env, "sbatch", "--parsable", "-p", "short", "-c", "2", "-t", "1",
-                          "--output=/dev/null", "--wrap", "sleep 2").strip()
+                          "--output=/dev/null", "--wrap", "sleep 10").strip()
         out, err = procs["scavenger"].communicate(timeout=120)
         assert procs["scavenger"].returncode == 1, out + err
         record = read_record(runs["scavenger"])
@@ -544,7 +546,13 @@ def test_wait_ends_on_a_cancelled_preemption_and_follows_a_requeued_one(slurm_en
         assert f"stage train-teacher failed: job {job_id} is PREEMPTED (preempted and not requeued" in err
         out, err = procs["debug"].communicate(timeout=400)
         assert procs["debug"].returncode == 0, out + err
-        assert "PREEMPTED" in out or "PENDING" in out.split("RUNNING", 1)[1]  # it was stopped and came back
+        record = read_record(runs["debug"])
+        assert record is not None
+        debug_id = by_key(record)["train-teacher"]["job_id"]
+        # slurmdbd keeps each run of a requeued job (-D): the first ended PREEMPTED, the last COMPLETED.
+        history = slurm(slurm_env, "sacct", "-X", "-D", "-n", "-P", "-o", "State", "-j", debug_id).split()
+        assert history[0] in ("PREEMPTED", "REQUEUED") and history[-1] == "COMPLETED", history
+        assert "PREEMPTED" in out or "PENDING" in out.split("RUNNING", 1)[1], out  # --wait saw it stop, came back
         assert sacct_states(slurm_env, [preemptor])[preemptor][1] == "COMPLETED"
         metrics = (runs["debug"] / "teacher" / "metrics.jsonl").read_text().splitlines()
         assert [json.loads(line)["epoch"] for line in metrics] == list(range(1, epochs + 1))
