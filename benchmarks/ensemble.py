@@ -44,6 +44,7 @@ from kd_ddp.teacher_logits import cache_dir
 from kd_ddp.train import train_stage
 
 SIZES = (1, 3, 5)
+PRESET = "quick"  # its models and optimiser; the record names it
 # The calls around a student stage's epochs that are timed apart (module, attribute, key):
 # patched where the caller looks them up.
 TIMED = ((train, "teacher_logits_source", "teacher_setup_s"), (train, "ensemble_source", "teacher_setup_s"),
@@ -52,7 +53,7 @@ TIMED = ((train, "teacher_logits_source", "teacher_setup_s"), (train, "ensemble_
 
 def base_config(work: Path, train_images: int, test_images: int, epochs: int, n: int,
                 overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    return load_config("quick", [
+    return load_config(PRESET, [
         f"run.dir={work / 'base'}", f"data.cache_dir={work / 'data'}", "data.source=synthetic", "data.root=",
         f"data.synthetic_train={train_images}", f"data.synthetic_test={test_images}",
         f"optim.student_epochs={epochs}", "optim.teacher_epochs=1", f"kd.ensemble={n}",
@@ -153,7 +154,7 @@ def run(work: Path, train_images: int = 6144, test_images: int = 1024, repeats: 
             "ensemble_eval_s": setup_median("cached", "ensemble_eval_s"),
         })
     return {
-        "preset": "quick", "device": str(env.device), "amp": precision_name(amp_dtype(cfg, env.device)),
+        "preset": PRESET, "device": str(env.device), "amp": precision_name(amp_dtype(cfg, env.device)),
         "teacher": cfg.model.teacher, "teacher_width": cfg.model.teacher_width,
         "student": cfg.model.student, "student_width": cfg.model.student_width,
         "train_images": data.size("train"), "test_images": data.size("test"), "batch": cfg.optim.batch_size,
