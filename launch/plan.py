@@ -85,8 +85,9 @@ class Step:
 
 
 def pipeline_steps(cfg: Config, only: Iterable[str] = STEPS) -> list[Step]:
-    """The pipeline as jobs, each waiting for the stage it reads (the students for the logits
-    cache when kd.teacher=cached, else for the teacher); of them the steps in `only`.
+    """The pipeline as jobs, each waiting for the stages it reads; of them the steps in `only`.
+    A KD student reads the logits cache (kd.teacher=cached) or the teacher; the normal student
+    reads only the prepared data, so on a cluster it trains beside the teacher.
 
     An ensemble (kd.ensemble=N, N >= 2): its N teachers are one job array under the teacher's
     key, task i training member i+1 alone (`train-teacher --member i+1`), all at once; the
@@ -98,7 +99,8 @@ def pipeline_steps(cfg: Config, only: Iterable[str] = STEPS) -> list[Step]:
     steps = [Step(PREPARE, [cfg]),
              teacher_step(cfg),
              *([Step(CACHE, [cfg], after=[TEACHER.step])] if cached else []),
-             *(Step(student, [cfg], after=students_after) for student in students),
+             *(Step(student, [cfg], after=students_after if student.distills else [PREPARE.step])
+               for student in students),
              Step(REPORT, [cfg], after=[student.step for student in students])]
     return select_steps(steps, set(only))
 
@@ -239,14 +241,14 @@ def sweep_steps(preset: str, base_overrides: list[str], grid: dict[str, list[str
             caches.setdefault(cfg.seed, cache_step(preset, base_overrides, base, cfg.seed))
             link(cfg.run_dir / CACHE.name, caches[cfg.seed].configs[0].run_dir / CACHE.name)
         configs.append(cfg)
-    # As in the pipeline, the students wait for the caches: then no two jobs of the sweep
-    # ever work in the same run dir at once.
+    # As in the pipeline, the KD students wait for the caches they read (or the teacher); the
+    # normal student, for the data only.
     heads = [s.key for s in caches.values()] or [TEACHER.step]
     # The report waits for every student to end, completed or not (afterany), but only runs
     # once the teacher and the caches succeeded (afterok): a failed point leaves a hole in the
     # grid, which the report names, not a sweep without a report.
     return [*pipeline_steps(base, [PREPARE.step, TEACHER.step]), *caches.values(),
-            Step(STUDENT_NORMAL, [base], after=heads),
+            Step(STUDENT_NORMAL, [base], after=[PREPARE.step]),
             Step(STUDENT_KD, configs, after=heads, names=names),
             Step(REPORT, [base], after=heads, after_any=[student.step for student in STUDENTS],
                  points={n: str(c.run_dir) for n, c in zip(names, configs)})]

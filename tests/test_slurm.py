@@ -165,7 +165,7 @@ def test_each_stage_is_its_own_job_with_afterok_dependencies(pipeline_run: Pipel
     assert list(jobs) == ["prepare-data", "train-teacher", "cache-logits", "student-normal", "student-kd", "report"]
     ids = {k: j["job_id"] for k, j in jobs.items()}
     expected = {"prepare-data": [], "train-teacher": ["prepare-data"], "cache-logits": ["train-teacher"],
-                "student-normal": ["cache-logits"], "student-kd": ["cache-logits"],
+                "student-normal": ["prepare-data"], "student-kd": ["cache-logits"],
                 "report": ["student-normal", "student-kd"]}
     for key, parents in expected.items():
         fields = pipeline_run.pending[key]

@@ -57,10 +57,12 @@ def test_planner_imports_without_submitit(monkeypatch: pytest.MonkeyPatch) -> No
 
 
 def test_pipeline_steps_wait_for_the_stage_they_read() -> None:
+    """The KD student reads the cache (or the live teacher); the normal student only the data,
+    so it can train beside the teacher."""
     cached = pipeline_steps(load_config("smoke", ["kd.teacher=cached"]))
     assert edges(cached) == [
         ("prepare-data", []), ("train-teacher", ["prepare-data"]), ("cache-logits", ["train-teacher"]),
-        ("student-normal", ["cache-logits"]), ("student-kd", ["cache-logits"]),
+        ("student-normal", ["prepare-data"]), ("student-kd", ["cache-logits"]),
         ("report", ["student-normal", "student-kd"])]
     assert [s.stage for s in cached] == list(stages.PIPELINE)
     # The job's command and mode, as the record names them (a student's mode, else run_stage's default).
@@ -68,7 +70,7 @@ def test_pipeline_steps_wait_for_the_stage_they_read() -> None:
     assert cached[0].mode == "kd"
     # A live teacher: no cache stage, the students wait for the teacher itself.
     live = pipeline_steps(load_config("smoke", ["kd.teacher=live"]))
-    assert edges(live)[2:4] == [("student-normal", ["train-teacher"]), ("student-kd", ["train-teacher"])]
+    assert edges(live)[2:4] == [("student-normal", ["prepare-data"]), ("student-kd", ["train-teacher"])]
     assert stages.CACHE.step not in [s.key for s in live]
 
 
@@ -128,7 +130,7 @@ def test_an_ensemble_s_teachers_are_one_array_the_cache_waits_for() -> None:
     steps = pipeline_steps(cfg)
     assert edges(steps) == [
         ("prepare-data", []), ("train-teacher", ["prepare-data"]), ("cache-logits", ["train-teacher"]),
-        ("student-normal", ["cache-logits"]), ("student-kd", ["cache-logits"]),
+        ("student-normal", ["prepare-data"]), ("student-kd", ["cache-logits"]),
         ("student-kd-ensemble", ["cache-logits"]),
         ("report", ["student-normal", "student-kd", "student-kd-ensemble"])]
     assert [s.key for s in steps] == list(STEPS)
@@ -152,7 +154,7 @@ def test_an_ensemble_s_teachers_are_one_array_the_cache_waits_for() -> None:
 def test_an_ensemble_with_a_live_teacher_waits_for_the_whole_array() -> None:
     steps = pipeline_steps(load_config("smoke", ["kd.ensemble=2", "kd.teacher=live"]))
     assert edges(steps) == [
-        ("prepare-data", []), ("train-teacher", ["prepare-data"]), ("student-normal", ["train-teacher"]),
+        ("prepare-data", []), ("train-teacher", ["prepare-data"]), ("student-normal", ["prepare-data"]),
         ("student-kd", ["train-teacher"]), ("student-kd-ensemble", ["train-teacher"]),
         ("report", ["student-normal", "student-kd", "student-kd-ensemble"])]
     assert steps[1].names == ["teacher", "teacher-2"]
@@ -203,7 +205,7 @@ def test_sweep_grid_and_plan(tmp_path: Path) -> None:
     assert [(s.key, s.after) for s in steps] == [
         ("prepare-data", []), ("train-teacher", ["prepare-data"]),
         ("cache-logits", ["train-teacher"]), ("cache-logits-seed1", ["train-teacher"]),
-        ("student-normal", ["cache-logits", "cache-logits-seed1"]),
+        ("student-normal", ["prepare-data"]),
         ("student-kd", ["cache-logits", "cache-logits-seed1"]), ("report", ["cache-logits", "cache-logits-seed1"])]
     # The report runs once every student ended, however (afterany), and names the missing points.
     assert steps[-1].after_any == ["student-normal", "student-kd"]
@@ -221,7 +223,7 @@ def test_sweep_grid_and_plan(tmp_path: Path) -> None:
 def test_sweep_with_a_live_teacher_has_no_cache(tmp_path: Path) -> None:
     steps = sweep_steps("smoke", [f"run.dir={tmp_path}", "kd.teacher=live"], {"kd.alpha": ["0.1", "0.9"]})
     assert edges(steps) == [
-        ("prepare-data", []), ("train-teacher", ["prepare-data"]), ("student-normal", ["train-teacher"]),
+        ("prepare-data", []), ("train-teacher", ["prepare-data"]), ("student-normal", ["prepare-data"]),
         ("student-kd", ["train-teacher"]), ("report", ["train-teacher"])]
     assert not (tmp_path / "sweep" / "a0.1" / "teacher-logits").exists()
     assert (tmp_path / "sweep" / "a0.1" / "teacher").is_symlink()
