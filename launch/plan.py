@@ -94,15 +94,20 @@ def pipeline_steps(cfg: Config, only: Iterable[str] = STEPS) -> list[Step]:
     cache job (every member's cache) waits for the array, which afterok on the array's id
     does for every task; its third student, student-kd-ensemble, is a job beside student-kd."""
     cached = cached_teacher(cfg)
-    students_after = [CACHE.step] if cached else [TEACHER.step]
+    kd_heads = [CACHE.step] if cached else [TEACHER.step]
     students = students_of(cfg)
     steps = [Step(PREPARE, [cfg]),
              teacher_step(cfg),
              *([Step(CACHE, [cfg], after=[TEACHER.step])] if cached else []),
-             *(Step(student, [cfg], after=students_after if student.distills else [PREPARE.step])
-               for student in students),
+             *(Step(student, [cfg], after=student_after(student, kd_heads)) for student in students),
              Step(REPORT, [cfg], after=[student.step for student in students])]
     return select_steps(steps, set(only))
+
+
+def student_after(student: Stage, kd_heads: list[str]) -> list[str]:
+    """The steps a student's job waits for: a KD student, those that made what it reads of its
+    teacher (`kd_heads`: the logits caches, or the teacher); the normal student, the data only."""
+    return kd_heads if student.distills else [PREPARE.step]
 
 
 def teacher_step(cfg: Config) -> Step:
@@ -241,15 +246,13 @@ def sweep_steps(preset: str, base_overrides: list[str], grid: dict[str, list[str
             caches.setdefault(cfg.seed, cache_step(preset, base_overrides, base, cfg.seed))
             link(cfg.run_dir / CACHE.name, caches[cfg.seed].configs[0].run_dir / CACHE.name)
         configs.append(cfg)
-    # As in the pipeline, the KD students wait for the caches they read (or the teacher); the
-    # normal student, for the data only.
-    heads = [s.key for s in caches.values()] or [TEACHER.step]
+    heads = [s.key for s in caches.values()] or [TEACHER.step]  # what the KD students read
     # The report waits for every student to end, completed or not (afterany), but only runs
     # once the teacher and the caches succeeded (afterok): a failed point leaves a hole in the
     # grid, which the report names, not a sweep without a report.
     return [*pipeline_steps(base, [PREPARE.step, TEACHER.step]), *caches.values(),
-            Step(STUDENT_NORMAL, [base], after=[PREPARE.step]),
-            Step(STUDENT_KD, configs, after=heads, names=names),
+            Step(STUDENT_NORMAL, [base], after=student_after(STUDENT_NORMAL, heads)),
+            Step(STUDENT_KD, configs, after=student_after(STUDENT_KD, heads), names=names),
             Step(REPORT, [base], after=heads, after_any=[student.step for student in STUDENTS],
                  points={n: str(c.run_dir) for n, c in zip(names, configs)})]
 
